@@ -1,0 +1,1 @@
+"""minitwit-ha: the Pulumi program's building blocks. Importing does nothing; callers decide."""

@@ -1,0 +1,271 @@
+"""The HaPair component: VPC, SSH key, two droplets, the reserved IP, and each node's provisioning.
+
+Why it looks the way it does:
+- The reserved IP is created with a region only (or adopted) and is never assigned by Pulumi:
+  keepalived moves it at runtime, and a `ReservedIpAssignment` or a `droplet_id` would be read
+  back as drift on refresh and moved back to the droplet named in code on the next `up`.
+- No DigitalOcean Cloud Firewall: it filters only TCP/UDP/ICMP, also on VPC traffic, so it
+  cannot pass VRRP (IP protocol 112). Each node gets a host nftables ruleset instead.
+- Each node's files are rendered from *both* droplets' outputs (own private IP as unicast source,
+  the other's as peer), so only rendering waits for both droplets; the two nodes' remote chains
+  run in parallel, except the app step, which goes standby first so the pair never restarts its
+  app on both nodes at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pulumi
+import pulumi_command as command
+import pulumi_digitalocean as do
+from pulumi import Output, ResourceOptions
+
+from infra import steps
+from infra.cloudinit import render_cloud_init
+from infra.node import (
+    REPO_ROOT,
+    STEP_APP,
+    STEP_FAILOVER,
+    STEP_FIREWALL,
+    STEP_KEEPALIVED,
+    NodeFacts,
+    NodeFile,
+    NodePaths,
+    files_for_step,
+    render_node_files,
+    step_digest,
+)
+from infra.profiles import PROFILES
+from infra.settings import Settings
+
+NODES = ("primary", "standby")
+PRIORITY = {"primary": 150, "standby": 100}
+COMPOSE_PROJECT = "minitwit"
+DEPLOY_USER = "deploy"
+
+
+@dataclass(frozen=True)
+class HaPairArgs:
+    settings: Settings
+    # The app's environment file (DATABASE_URL, ...) per node, secret; None: an empty one.
+    app_env: Output[str] | None = None
+    repo_root: Path = REPO_ROOT
+
+
+def _tags(settings: Settings, node: str) -> list[str]:
+    stack = "".join(c if c.isalnum() or c in "-_:" else "-" for c in settings.stack)
+    return ["minitwit-ha", f"minitwit-ha:{stack}", f"minitwit-ha:{node}"]
+
+
+def _hostname(name: str, node: str) -> str:
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in f"{name}-{node}".lower())
+    return host.strip("-")[:63]
+
+
+class HaPair(pulumi.ComponentResource):
+    """A hot/standby pair of droplets sharing one reserved IP."""
+
+    def __init__(self, name: str, args: HaPairArgs, opts: ResourceOptions | None = None) -> None:
+        super().__init__("minitwit-ha:index:HaPair", name, None, opts)
+        s = args.settings
+        child_opts = ResourceOptions(parent=self)
+        protect_opts = ResourceOptions(parent=self, protect=s.protect)
+
+        self.vpc = do.Vpc(
+            f"{name}-vpc",
+            region=s.region,
+            ip_range=s.vpc_ip_range,
+            description=f"minitwit-ha {s.stack}: the pair's private network (VRRP, database)",
+            opts=protect_opts,
+        )
+
+        key_refs: list[pulumi.Input[str]] = list(s.ssh_key_fingerprints)
+        if s.ssh_public_key:
+            self.ssh_key = do.SshKey(f"{name}-deploy-key", public_key=s.ssh_public_key, opts=child_opts)
+            key_refs.append(self.ssh_key.fingerprint)
+
+        user_data = render_cloud_init(s.ssh_public_key)
+        self.droplets: dict[str, do.Droplet] = {}
+        for node in NODES:
+            self.droplets[node] = do.Droplet(
+                f"{name}-{node}",
+                name=_hostname(name, node),
+                image=s.droplet_image,
+                region=s.region,
+                size=s.droplet_size,
+                vpc_uuid=self.vpc.id,
+                ssh_keys=key_refs,
+                monitoring=True,
+                ipv6=False,
+                tags=_tags(s, node),
+                user_data=user_data,
+                graceful_shutdown=True,
+                opts=child_opts,
+            )
+
+        if s.reserved_ip:
+            # Adopted: read only. Pulumi never changes, assigns or deletes an adopted reserved IP.
+            self.reserved_ip = do.ReservedIp.get(f"{name}-reserved-ip", s.reserved_ip, opts=child_opts)
+        else:
+            # Region only, no droplet_id: the active node's notify script assigns it (see module doc).
+            self.reserved_ip = do.ReservedIp(
+                f"{name}-reserved-ip",
+                region=s.region,
+                opts=ResourceOptions(parent=self, protect=s.protect, ignore_changes=["dropletId"]),
+            )
+
+        self.node_chains: dict[str, NodeChain] = {}
+        app_after: list[pulumi.Resource] = []
+        for node in ("standby", "primary"):  # app step: standby first, then primary
+            peer = "standby" if node == "primary" else "primary"
+            chain = NodeChain(
+                name=f"{name}-{node}", node=node, settings=s, droplet=self.droplets[node],
+                peer=self.droplets[peer], reserved_ip=self.reserved_ip.ip_address,
+                app_env=args.app_env, repo_root=args.repo_root, app_after=list(app_after), parent=self,
+            )
+            self.node_chains[node] = chain
+            app_after.append(chain.app)
+
+        port = "" if s.app_port == 80 else f":{s.app_port}"
+        self.app_url = Output.concat("http://", self.reserved_ip.ip_address, port, "/")
+        ready_url = Output.concat("http://", self.reserved_ip.ip_address, port, s.health_path)
+        gate_deps = [c for chain in self.node_chains.values() for c in chain.commands]
+        self.ready = command.local.Command(
+            f"{name}-ready",
+            create=Output.concat(
+                "python3 scripts/wait_ready.py --timeout 300 --url ", ready_url,
+            ),
+            dir=str(args.repo_root),
+            triggers=[chain.digest for chain in self.node_chains.values()],
+            opts=ResourceOptions(parent=self, depends_on=gate_deps),
+        )
+
+        self.nodes = {
+            node: {
+                "droplet_id": d.id.apply(int),
+                "public_ipv4": d.ipv4_address,
+                "private_ipv4": d.ipv4_address_private,
+            }
+            for node, d in self.droplets.items()
+        }
+        self.register_outputs({
+            "reserved_ip": self.reserved_ip.ip_address,
+            "app_url": self.app_url,
+            "vpc_id": self.vpc.id,
+            "nodes": self.nodes,
+        })
+
+
+class NodeChain:
+    """One node's remote commands: wait -> bootstrap -> token/failover/firewall -> keepalived, and the app."""
+
+    def __init__(self, *, name: str, node: str, settings: Settings, droplet: do.Droplet, peer: do.Droplet,
+                 reserved_ip: Output[str], app_env: Output[str] | None, repo_root: Path,
+                 app_after: list[pulumi.Resource], parent: pulumi.Resource) -> None:
+        s = settings
+        paths = NodePaths()
+        conn = command.remote.ConnectionArgs(
+            host=droplet.ipv4_address,
+            user=DEPLOY_USER,
+            private_key=Output.secret(s.ssh_private_key.reveal()),
+            # A fresh droplet's sshd comes up after ~30-60 s; the default 10 dial attempts give
+            # up after ~11 s. The first step retries without limit, bounded by its timeout.
+            dial_error_limit=-1,
+            per_dial_timeout=10,
+        )
+        steady_conn = command.remote.ConnectionArgs(
+            host=droplet.ipv4_address, user=DEPLOY_USER, private_key=Output.secret(s.ssh_private_key.reveal()),
+            dial_error_limit=20, per_dial_timeout=10,
+        )
+
+        def facts(values: list) -> NodeFacts:
+            droplet_id, private_ip, peer_ip, rip = values
+            return NodeFacts(
+                name=node, droplet_id=int(droplet_id), private_ip=private_ip, peer_private_ip=peer_ip,
+                reserved_ip=rip, priority=PRIORITY[node], router_id=s.vrrp_router_id,
+                private_interface=s.private_interface, admin_cidrs=s.admin_cidrs, http_ports=s.http_ports,
+                health_url=s.health_url, profile=PROFILES[s.failover_profile], compose_project=COMPOSE_PROJECT,
+                paths=paths,
+            )
+
+        rendered: Output[list[NodeFile]] = Output.all(
+            droplet.id, droplet.ipv4_address_private, peer.ipv4_address_private, reserved_ip,
+        ).apply(lambda v: render_node_files(facts(v), compose_text=s.compose.text, repo_root=repo_root))
+        self.rendered = rendered
+
+        def step_inputs(step: str, rename: dict[str, str] | None = None) -> tuple[Output[str], Output[str]]:
+            archive = rendered.apply(lambda fs: steps.archive_b64(files_for_step(fs, step), rename))
+            digest = rendered.apply(lambda fs: step_digest(files_for_step(fs, step)))
+            return archive, digest
+
+        self.wait = command.remote.Command(
+            f"{name}-wait", connection=conn, create=steps.wait_command(),
+            triggers=[droplet.id],
+            opts=ResourceOptions(parent=parent, custom_timeouts=pulumi.CustomTimeouts(create="15m", update="15m")),
+        )
+        bootstrap_script = (repo_root / "scripts" / "node-bootstrap.sh").read_text()
+        self.bootstrap = command.remote.Command(
+            f"{name}-bootstrap", connection=steady_conn, create=steps.bootstrap_command(), stdin=bootstrap_script,
+            triggers=[droplet.id, steps.digest(bootstrap_script)],
+            opts=ResourceOptions(parent=parent, depends_on=[self.wait],
+                                 custom_timeouts=pulumi.CustomTimeouts(create="20m", update="20m")),
+        )
+        token = s.failover_token.reveal()
+        self.token = command.remote.Command(
+            f"{name}-failover-token", connection=steady_conn,
+            create=steps.secret_file_command(paths.token_file), stdin=Output.secret(token),
+            triggers=[droplet.id, Output.secret(steps.digest(token))],
+            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap]),
+        )
+        archive, self.failover_digest = step_inputs(STEP_FAILOVER)
+        self.failover = command.remote.Command(
+            f"{name}-failover", connection=steady_conn, create=steps.failover_command(paths), stdin=archive,
+            triggers=[droplet.id, self.failover_digest],
+            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap, self.token]),
+        )
+        archive, self.firewall_digest = step_inputs(STEP_FIREWALL)
+        self.firewall = command.remote.Command(
+            f"{name}-firewall", connection=steady_conn, create=steps.firewall_command(paths, s.admin_cidrs),
+            stdin=archive, triggers=[droplet.id, self.firewall_digest],
+            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap]),
+        )
+        archive, self.keepalived_digest = step_inputs(STEP_KEEPALIVED, steps.keepalived_staging_path(paths))
+        self.keepalived = command.remote.Command(
+            f"{name}-keepalived", connection=steady_conn, create=steps.keepalived_command(paths), stdin=archive,
+            triggers=[droplet.id, self.keepalived_digest],
+            opts=ResourceOptions(parent=parent, depends_on=[self.failover, self.firewall, self.token]),
+        )
+
+        app_deps: list[pulumi.Resource] = [self.bootstrap, self.failover]
+        self.registry = None
+        if s.registry:
+            reg = s.registry
+            self.registry = command.remote.Command(
+                f"{name}-registry-login", connection=steady_conn,
+                create=steps.registry_login_command(reg.server, reg.username),
+                stdin=Output.secret(reg.password.reveal()),
+                triggers=[droplet.id, reg.server, reg.username, Output.secret(steps.digest(reg.password.reveal()))],
+                opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap]),
+            )
+            app_deps.append(self.registry)
+        env_content = app_env if app_env is not None else Output.secret("# no app settings\n")
+        self.app_env = command.remote.Command(
+            f"{name}-app-env", connection=steady_conn, create=steps.secret_file_command(paths.app_env),
+            stdin=Output.secret(env_content),
+            triggers=[droplet.id, Output.secret(env_content).apply(steps.digest)],
+            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap]),
+        )
+        app_deps.append(self.app_env)
+        archive, self.app_digest = step_inputs(STEP_APP)
+        self.app = command.remote.Command(
+            f"{name}-app", connection=steady_conn, create=steps.app_command(paths, COMPOSE_PROJECT), stdin=archive,
+            triggers=[droplet.id, self.app_digest],
+            opts=ResourceOptions(parent=parent, depends_on=app_deps + app_after,
+                                 custom_timeouts=pulumi.CustomTimeouts(create="20m", update="20m")),
+        )
+        self.commands = [c for c in (self.wait, self.bootstrap, self.token, self.failover, self.firewall,
+                                     self.keepalived, self.registry, self.app_env, self.app) if c is not None]
+        self.digest = Output.all(self.failover_digest, self.firewall_digest, self.keepalived_digest,
+                                 self.app_digest).apply(lambda ds: steps.digest(*ds))

@@ -1,0 +1,486 @@
+"""What one node runs, rendered from plain values: one source of truth for the stack and the lab.
+
+`render_node_files(facts)` returns every non-secret file a node needs (keepalived.conf, the
+failover and health env files, the nftables ruleset, systemd units), each tagged with the
+provisioning step that installs it. The stack calls it with the droplets' outputs; the lab calls
+it with its namespaces' addresses and a path prefix. Pure: no Pulumi, no I/O except reading the
+scripts in `scripts/` (`node_scripts`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.profiles import PROFILES, Profile
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT_NAMES = ("mt-failover", "mt-health", "mt-healthwatch")
+
+# Provisioning steps (one remote command each); a file's step decides what re-runs when it changes.
+STEP_FAILOVER = "failover"      # scripts, env files, systemd units -> restart watcher and reconciler
+STEP_FIREWALL = "firewall"      # nftables ruleset -> nft -c, nft -f
+STEP_KEEPALIVED = "keepalived"  # keepalived.conf -> keepalived -t, reload
+STEP_APP = "app"                # compose file -> docker compose pull/up
+
+
+@dataclass(frozen=True)
+class NodePaths:
+    """Where things live on a node. `root` is empty on a droplet; the lab gives each node a prefix."""
+
+    root: str = ""
+
+    def _p(self, path: str) -> str:
+        return f"{self.root}{path}"
+
+    @property
+    def libexec(self) -> str:
+        return self._p("/usr/libexec/minitwit-ha")
+
+    @property
+    def etc(self) -> str:
+        return self._p("/etc/minitwit-ha")
+
+    @property
+    def failover_env(self) -> str:
+        return f"{self.etc}/failover.env"
+
+    @property
+    def health_env(self) -> str:
+        return f"{self.etc}/health.env"
+
+    @property
+    def token_file(self) -> str:
+        return f"{self.etc}/do-token"
+
+    @property
+    def keepalived_conf(self) -> str:
+        return self._p("/etc/keepalived/keepalived.conf")
+
+    @property
+    def nftables_conf(self) -> str:
+        return self._p("/etc/nftables.conf")
+
+    @property
+    def app_dir(self) -> str:
+        return self._p("/srv/minitwit")
+
+    @property
+    def compose_file(self) -> str:
+        return f"{self.app_dir}/compose.yaml"
+
+    @property
+    def app_env(self) -> str:
+        return f"{self.app_dir}/app.env"
+
+    @property
+    def state_dir(self) -> str:
+        return self._p("/run/minitwit-ha")
+
+    @property
+    def track_dir(self) -> str:
+        return self._p("/run/minitwit-ha-health")
+
+    @property
+    def track_file(self) -> str:
+        return f"{self.track_dir}/status"
+
+    @property
+    def lib_dir(self) -> str:
+        return self._p("/var/lib/minitwit-ha")
+
+    @property
+    def maintenance_flag(self) -> str:
+        return f"{self.lib_dir}/maintenance"
+
+    @property
+    def systemd_dir(self) -> str:
+        return self._p("/etc/systemd/system")
+
+    def script(self, name: str) -> str:
+        return f"{self.libexec}/{name}"
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """Everything that differs between nodes and stacks, as plain values."""
+
+    name: str                      # primary | standby
+    droplet_id: int
+    private_ip: str
+    peer_private_ip: str
+    reserved_ip: str
+    priority: int
+    router_id: int
+    private_interface: str
+    admin_cidrs: tuple[str, ...]
+    http_ports: tuple[int, ...]
+    health_url: str
+    profile: Profile = PROFILES["fast"]
+    api_url: str = "https://api.digitalocean.com"
+    metadata_url: str = "http://169.254.169.254/metadata/v1"
+    compose_project: str = "minitwit"
+    with_compose: bool = True      # false: no compose services check (a node without compose)
+    script_user: str = "keepalived_script"
+    paths: NodePaths = field(default_factory=NodePaths)
+    log_file: str = ""             # extra log file for mt-failover (the lab); syslog is always used
+
+
+@dataclass(frozen=True)
+class NodeFile:
+    path: str
+    mode: int
+    content: str
+    step: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.content.encode()).hexdigest()
+
+
+def _header(facts: NodeFacts, what: str, comment: str = "#") -> str:
+    return (f"{comment} {what} for minitwit-ha node \"{facts.name}\" (droplet {facts.droplet_id}).\n"
+            f"{comment} Rendered by infra/node.py from the stack's outputs; edits on the node are overwritten.\n")
+
+
+# --------------------------------------------------------------------------------------------
+# keepalived
+# --------------------------------------------------------------------------------------------
+def render_keepalived_conf(facts: NodeFacts) -> str:
+    p = facts.profile
+    paths = facts.paths
+    ipaddress.ip_address(facts.private_ip)  # fail loudly on garbage rather than render it
+    ipaddress.ip_address(facts.peer_private_ip)
+    ipaddress.ip_address(facts.reserved_ip)
+    health = paths.script("mt-health")
+    failover = paths.script("mt-failover")
+    fall_rise = ""
+    if p.check_fall is not None:
+        fall_rise += (f"    fall {p.check_fall}         # {p.check_fall} failed runs in a row before FAULT: "
+                      "one slow answer is not an outage\n")
+    if p.check_rise is not None:
+        fall_rise += (f"    rise {p.check_rise}         # {p.check_rise} good runs in a row before leaving FAULT: "
+                      "no flapping on one lucky answer\n")
+    services = ""
+    track_services = ""
+    if facts.with_compose:
+        services = f"""
+# Every service of the compose file is running. Needs the docker socket, which is root-equivalent,
+# so this one script runs as root; it only reads (`docker compose ps`).
+vrrp_script chk_services {{
+    script "{health} services"
+    user root
+    interval 2     # whole seconds in keepalived 2.2.x; a dead sidecar is found within ~2-4 s
+    timeout 5      # docker can be slow under load; a hung check counts as a failure after 5 s
+    fall 2
+    rise 2
+}}
+"""
+        track_services = "        chk_services\n"
+    watcher = ""
+    track_file = ""
+    if p.use_watcher:
+        watcher = f"""
+# The fast path. mt-healthwatch polls the health URL and the maintenance flag every
+# {p.watch_interval_s} s and writes 0 (healthy) or the failing check's code here; keepalived re-reads
+# the file the moment it changes (inotify), so an app crash reaches FAULT in about
+# {p.watch_fall} x {p.watch_interval_s} s instead of whole-second script intervals.
+track_file app_watch {{
+    file "{paths.track_file}"
+    weight 0       # weight 0: any non-zero value means FAULT
+    init_file 1    # until the watcher has spoken, assume unhealthy (created only if missing)
+}}
+"""
+        track_file = """
+    track_file {
+        app_watch
+    }
+"""
+    advert_comment = (f"VRRPv{p.vrrp_version}: the peer is declared dead after 3 x {p.advert_int} s + skew "
+                      f"(~{p.master_down_s:.2f} s)")
+    return f"""{_header(facts, 'keepalived configuration', '#')}# Profile "{p.name}".
+# Failover time = fault detection + VRRP takeover + the reserved-IP move (API).
+
+global_defs {{
+    router_id minitwit-ha-{facts.name}
+    # Scripts run only when every directory on their path is root-owned and not writable by
+    # others; they live in {paths.libexec} for that reason (Debian's /usr/local/bin is group staff).
+    enable_script_security
+    # Scripts run unprivileged unless they say otherwise.
+    script_user {facts.script_user}
+    # Accept adverts only from our unicast peer (the nftables ruleset also drops VRRP from anyone else).
+    vrrp_check_unicast_src
+}}
+
+# The app answers on its health URL (and no maintenance flag). The slow, thorough path: a
+# backstop if the watcher below is not running.
+vrrp_script chk_app {{
+    script "{health} http"
+    interval {p.check_interval}     # whole seconds in keepalived 2.2.x
+    timeout {p.check_timeout}      # a hung check counts as a failure after {p.check_timeout} s
+{fall_rise}}}
+
+# A planned drain (rolling update, switchover): the maintenance flag makes this node step down.
+vrrp_script chk_flag {{
+    script "{health} flag"
+    interval 1     # the watcher sees the flag within {p.watch_interval_s} s; this is the backstop
+    fall 1         # a drain is deliberate: act on the first sight of the flag
+    rise 1
+}}
+{services}{watcher}
+vrrp_instance minitwit {{
+    # Both nodes start BACKUP with nopreempt: after a failover, a recovered node never grabs the
+    # reserved IP back (that would be a second, needless interruption).
+    state BACKUP
+    nopreempt
+    # VRRP stays on the VPC interface; DigitalOcean Cloud Firewalls cannot pass it (IP protocol
+    # 112), so the host nftables ruleset admits it from the peer only.
+    interface {facts.private_interface}
+    virtual_router_id {facts.router_id}
+    priority {facts.priority}
+    version {p.vrrp_version}
+    advert_int {p.advert_int}   # {advert_comment}
+    unicast_src_ip {facts.private_ip}
+    unicast_peer {{
+        {facts.peer_private_ip}
+    }}
+    # keepalived 2.2.7 refuses a VRRPv3 instance without a virtual address. The reserved IP as a
+    # /32 on lo is bookkeeping only: DigitalOcean delivers reserved-IP traffic to the droplet's
+    # anchor address, and the move itself is the API call made by the notify script below.
+    virtual_ipaddress {{
+        {facts.reserved_ip}/32 dev lo
+    }}
+    track_script {{
+        chk_app
+        chk_flag
+{track_services}    }}{track_file}
+    # One script for every transition (keepalived appends: TYPE NAME STATE PRIORITY). On MASTER it
+    # assigns the reserved IP to this droplet through the API. Root: it reads the 0600 token.
+    notify "{failover} notify" root
+    # A MASTER hearing a lower-priority MASTER (a healed split brain) makes sure the IP is here.
+    notify_master_rx_lower_pri "{failover} reclaim" root
+}}
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# env files (no secrets: the token is its own 0600 file)
+# --------------------------------------------------------------------------------------------
+def render_failover_env(facts: NodeFacts) -> str:
+    p = facts.profile
+    paths = facts.paths
+    lines = {
+        "NODE_NAME": facts.name,
+        "RESERVED_IP": facts.reserved_ip,
+        "DROPLET_ID": str(facts.droplet_id),
+        "DO_API_URL": facts.api_url.rstrip("/"),
+        "METADATA_URL": facts.metadata_url.rstrip("/"),
+        "TOKEN_FILE": paths.token_file,
+        "STATE_DIR": paths.state_dir,
+        "LOG_DIR": paths.lib_dir,
+        "LOG_FILE": facts.log_file,
+        "HTTP_TIMEOUT_S": "3",
+        "ASSIGN_DEADLINE_S": "60",
+        "RETRY_MODE": p.retry_mode,
+        "BACKOFF_BASE_S": p.backoff_base_s,
+        "BACKOFF_MAX_S": p.backoff_max_s,
+        "RETRY_FIXED_S": str(p.retry_fixed_s),
+        "RETRY_MAX_ATTEMPTS": str(p.retry_max_attempts),
+        "POLL_INTERVAL_S": "0.2",
+        "RECONCILE_INTERVAL_S": p.reconcile_interval_s,
+    }
+    return _env_file(_header(facts, "Failover settings (read by mt-failover)"), lines)
+
+
+def render_health_env(facts: NodeFacts) -> str:
+    p = facts.profile
+    paths = facts.paths
+    lines = {
+        "HEALTH_URL": facts.health_url,
+        "HEALTH_TIMEOUT_S": "1",
+        "WATCH_INTERVAL_S": p.watch_interval_s,
+        "WATCH_TIMEOUT_S": "0.5",
+        "WATCH_FALL": str(p.watch_fall),
+        "WATCH_RISE": str(p.watch_rise),
+        "COMPOSE_FILE": paths.compose_file if facts.with_compose else "",
+        "COMPOSE_PROJECT": facts.compose_project,
+        "MAINTENANCE_FLAG": paths.maintenance_flag,
+        "TRACK_FILE": paths.track_file,
+    }
+    return _env_file(_header(facts, "Health check settings (read by mt-health and mt-healthwatch)"), lines)
+
+
+def _env_file(header: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        if any(c.isspace() for c in value) or "#" in value:
+            raise ValueError(f"{key}={value!r}: env file values must not contain spaces or '#'")
+    return header + "".join(f"{k}={v}\n" for k, v in values.items())
+
+
+# --------------------------------------------------------------------------------------------
+# nftables
+# --------------------------------------------------------------------------------------------
+def render_nftables(facts: NodeFacts) -> str:
+    admins = [ipaddress.ip_network(c) for c in facts.admin_cidrs]
+    v4 = ", ".join(str(n) for n in admins if n.version == 4)
+    v6 = ", ".join(str(n) for n in admins if n.version == 6)
+    ports = ", ".join(str(p) for p in sorted(set(facts.http_ports)))
+    admin_sets = ""
+    admin_rules = ""
+    if v4:
+        admin_sets += _nft_set("admin_v4", "ipv4_addr", v4)
+        admin_rules += "        tcp dport 22 ip saddr @admin_v4 accept\n"
+    if v6:
+        admin_sets += _nft_set("admin_v6", "ipv6_addr", v6)
+        admin_rules += "        tcp dport 22 ip6 saddr @admin_v6 accept\n"
+    return f"""#!/usr/sbin/nft -f
+{_header(facts, 'Host firewall')}#
+# Why on the host: DigitalOcean Cloud Firewalls filter only TCP, UDP and ICMP and also apply to
+# VPC traffic, so they cannot pass VRRP (IP protocol 112). Only this table is replaced; Docker's
+# own iptables-nft tables are left alone.
+table inet minitwit_ha
+delete table inet minitwit_ha
+
+table inet minitwit_ha {{
+{admin_sets}
+    chain input {{
+        type filter hook input priority filter; policy drop;
+        iif "lo" accept
+        # VRRP only from the peer, only on the VPC interface; checked before conntrack so that no
+        # other speaker, however its packets are classified, reaches keepalived.
+        meta l4proto vrrp iifname "{facts.private_interface}" ip saddr {facts.peer_private_ip} accept
+        meta l4proto vrrp counter drop
+        ct state established,related accept
+        ct state invalid drop
+        # ICMP errors keep TCP working (path MTU); echo is rate-limited.
+        ip protocol icmp icmp type {{ destination-unreachable, time-exceeded, parameter-problem }} accept
+        ip protocol icmp icmp type echo-request limit rate 10/second accept
+        meta l4proto ipv6-icmp icmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded,
+            parameter-problem, nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert }} accept
+        # SSH only from the admin CIDRs (and so only they can provision or roll out).
+{admin_rules}        # The app, from anywhere.
+        tcp dport {{ {ports} }} accept
+        counter comment "dropped by policy"
+    }}
+
+    chain forward {{
+        type filter hook forward priority filter - 10; policy accept;
+        # Docker publishes container ports with DNAT and its own FORWARD accept, which the input
+        # chain never sees; keep only the app's ports reachable through those.
+        ct state new ct status dnat meta l4proto tcp ct original proto-dst != {{ {ports} }} counter drop
+        ct state new ct status dnat meta l4proto udp counter drop
+    }}
+}}
+"""
+
+
+def _nft_set(name: str, kind: str, elements: str) -> str:
+    return f"    set {name} {{\n        type {kind}\n        flags interval\n        elements = {{ {elements} }}\n    }}\n"
+
+
+# --------------------------------------------------------------------------------------------
+# systemd units
+# --------------------------------------------------------------------------------------------
+def render_units(facts: NodeFacts) -> dict[str, str]:
+    paths = facts.paths
+    watch = f"""# minitwit-ha: the fast health watcher feeding keepalived's track_file.
+[Unit]
+Description=minitwit-ha health watcher (keepalived track_file)
+Before=keepalived.service
+
+[Service]
+Type=simple
+User={facts.script_user}
+Group={facts.script_user}
+EnvironmentFile=-{paths.health_env}
+RuntimeDirectory=minitwit-ha-health
+RuntimeDirectoryMode=0755
+# Keep the track file across watcher restarts: keepalived must not see it vanish.
+RuntimeDirectoryPreserve=yes
+ExecStart={paths.script('mt-healthwatch')}
+Restart=always
+RestartSec=1
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+ReadWritePaths={paths.track_dir}
+
+[Install]
+WantedBy=multi-user.target
+"""
+    reconcile = f"""# minitwit-ha: while this node is MASTER, keep the reserved IP on it (heals a split brain).
+[Unit]
+Description=minitwit-ha reserved-IP reconciler
+After=network-online.target keepalived.service
+Wants=network-online.target
+
+[Service]
+Type=simple
+ExecStart={paths.script('mt-failover')} reconcile
+Restart=always
+RestartSec=2
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+ReadWritePaths={paths.state_dir} {paths.lib_dir}
+
+[Install]
+WantedBy=multi-user.target
+"""
+    keepalived_dropin = """# minitwit-ha: start keepalived after the firewall and the watcher it reads.
+[Unit]
+After=nftables.service minitwit-ha-healthwatch.service
+Wants=minitwit-ha-healthwatch.service
+"""
+    tmpfiles = f"""# minitwit-ha runtime and state directories (root-owned: keepalived's script security).
+d {paths.state_dir} 0755 root root -
+d {paths.lib_dir} 0755 root root -
+"""
+    return {
+        f"{paths.systemd_dir}/minitwit-ha-healthwatch.service": watch,
+        f"{paths.systemd_dir}/minitwit-ha-reconcile.service": reconcile,
+        f"{paths.systemd_dir}/keepalived.service.d/minitwit-ha.conf": keepalived_dropin,
+        paths._p("/etc/tmpfiles.d/minitwit-ha.conf"): tmpfiles,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# everything a node gets
+# --------------------------------------------------------------------------------------------
+def node_scripts(paths: NodePaths, repo_root: Path = REPO_ROOT) -> list[NodeFile]:
+    """The same scripts/ files on every node, root-owned 0755."""
+    return [
+        NodeFile(paths.script(name), 0o755, (repo_root / "scripts" / name).read_text(), STEP_FAILOVER)
+        for name in SCRIPT_NAMES
+    ]
+
+
+def render_node_files(facts: NodeFacts, compose_text: str | None = None,
+                      repo_root: Path = REPO_ROOT) -> list[NodeFile]:
+    paths = facts.paths
+    files = node_scripts(paths, repo_root)
+    files += [
+        NodeFile(paths.failover_env, 0o644, render_failover_env(facts), STEP_FAILOVER),
+        NodeFile(paths.health_env, 0o644, render_health_env(facts), STEP_FAILOVER),
+    ]
+    files += [NodeFile(path, 0o644, text, STEP_FAILOVER) for path, text in render_units(facts).items()]
+    files.append(NodeFile(paths.nftables_conf, 0o644, render_nftables(facts), STEP_FIREWALL))
+    files.append(NodeFile(paths.keepalived_conf, 0o644, render_keepalived_conf(facts), STEP_KEEPALIVED))
+    if compose_text is not None:
+        files.append(NodeFile(paths.compose_file, 0o644, compose_text, STEP_APP))
+    return files
+
+
+def files_for_step(files: list[NodeFile], step: str) -> list[NodeFile]:
+    return [f for f in files if f.step == step]
+
+
+def step_digest(files: list[NodeFile]) -> str:
+    """Content hash of a step's files: the step's trigger, so only changed steps re-run."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.path):
+        h.update(f"{f.path}\0{f.mode:o}\0{f.sha256}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,39 @@
+"""The whole program as a function: config source in, stack outputs out (`__main__.py` exports them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pulumi
+
+from infra.ha_pair import HaPair, HaPairArgs
+from infra.settings import ConfigSource, Settings, load_settings
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def component_name(stack: str) -> str:
+    return f"minitwit-{stack}"
+
+
+def build(settings: Settings, project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
+    """Declare the resources for validated settings; return the stack outputs (names are a contract)."""
+    pair = HaPair(component_name(settings.stack), HaPairArgs(settings=settings, repo_root=project_dir))
+    return {
+        "reserved_ip": pair.reserved_ip.ip_address,
+        "app_url": pair.app_url,
+        "vpc_id": pair.vpc.id,
+        "nodes": pair.nodes,
+    }
+
+
+def run(source: ConfigSource, stack: str, project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
+    """Validate every setting first (raises SettingsError before any resource exists), then build."""
+    settings = load_settings(source, stack=stack, project_dir=project_dir)
+    return build(settings, project_dir)
+
+
+def export_all(outputs: dict[str, Any]) -> None:
+    for key, value in outputs.items():
+        pulumi.export(key, value)

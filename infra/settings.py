@@ -1,0 +1,536 @@
+"""Stack settings: read once from config, validated before any resource is declared.
+
+`load_settings(source, ...)` turns raw config values into a frozen `Settings` or raises
+`SettingsError` listing *every* problem at once, each naming the config key and what would be
+valid. Nothing here touches Pulumi at import time; the Pulumi-backed `ConfigSource` lives in
+`infra.config_source` so tests and `make plan` can feed plain dictionaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import yaml
+
+from infra.profiles import PROFILES
+from infra.schema import PROJECT, ConfigKey, load_schema
+
+# Secrets that are optional. Pulumi refuses a plaintext default on a `secret: true` key, so the
+# schema cannot mark them; we refuse a value that was not set with `pulumi config set --secret`.
+OPTIONAL_SECRETS = frozenset({"registryPassword", "databaseUri"})
+
+# Region slugs DigitalOcean offers droplets, reserved IPs and VPCs in (checked 2026).
+KNOWN_REGIONS = (
+    "ams3", "atl1", "blr1", "fra1", "lon1", "nyc1", "nyc2", "nyc3", "sfo2", "sfo3", "sgp1",
+    "syd1", "tor1",
+)
+# Images whose packaged keepalived is 2.2.x (Debian 12: 2.2.7, Ubuntu 22.04: 2.2.4, 24.04: 2.2.8).
+SUPPORTED_IMAGES = ("debian-12-x64", "ubuntu-22-04-x64", "ubuntu-24-04-x64")
+
+# Ranges a VPC must not overlap. DigitalOcean reserves some for its own networks; Docker takes
+# 172.17-31.x and 192.168.x for its bridges on the droplets, where a clash breaks routing.
+FORBIDDEN_VPC_RANGES = {
+    "10.244.0.0/16": "reserved by DigitalOcean",
+    "10.245.0.0/16": "reserved by DigitalOcean",
+    "10.246.0.0/24": "reserved by DigitalOcean",
+    "10.229.0.0/16": "reserved by DigitalOcean",
+    "172.17.0.0/16": "Docker's default bridge on the droplets",
+    "172.18.0.0/15": "Docker's default address pools on the droplets",
+    "172.20.0.0/14": "Docker's default address pools on the droplets",
+    "172.24.0.0/13": "Docker's default address pools on the droplets",
+    "192.168.0.0/16": "Docker's default address pools on the droplets",
+}
+RFC1918 = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+
+_REGION_RE = re.compile(r"^[a-z]{3}[0-9]$")
+_SIZE_RE = re.compile(r"^(s|c|c2|g|gd|m|m3|m6|so|so1_5|gpu)-[a-z0-9]+(-[a-z0-9]+)*$")
+_IFACE_RE = re.compile(r"^[a-z][a-z0-9]{0,14}$")
+_FINGERPRINT_RE = re.compile(r"^([0-9a-f]{2}:){15}[0-9a-f]{2}$")
+_PUBKEY_RE = re.compile(
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com)"
+    r" [A-Za-z0-9+/]+={0,3}( \S.*)?$"
+)
+_TOKEN_RE = re.compile(r"^(dop_v1_)?[0-9a-f]{64}$")
+_REGISTRY_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$")
+_PRIVATE_KEY_BEGIN = re.compile(r"-----BEGIN (OPENSSH|RSA|EC|DSA)? ?PRIVATE KEY-----")
+
+
+class ConfigSource(Protocol):
+    """Raw config as Pulumi stores it: strings (arrays as JSON text), plus which keys are secret."""
+
+    def get(self, key: str) -> str | None: ...
+
+    def is_secret(self, key: str) -> bool: ...
+
+    def keys(self) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class DictSource:
+    """A ConfigSource over plain values (tests, `make plan`). Lists are JSON-encoded like Pulumi does."""
+
+    values: Mapping[str, Any]
+    secret_keys: frozenset[str] = frozenset()
+
+    def get(self, key: str) -> str | None:
+        if key not in self.values:
+            return None
+        value = self.values[key]
+        if isinstance(value, (list, dict)):
+            return json.dumps(value)
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value)
+
+    def is_secret(self, key: str) -> bool:
+        return key in self.secret_keys
+
+    def keys(self) -> list[str]:
+        return list(self.values)
+
+
+class Secret:
+    """A secret string that refuses to show itself in reprs, f-strings and logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+
+@dataclass(frozen=True)
+class Registry:
+    server: str
+    username: str
+    password: Secret
+
+
+@dataclass(frozen=True)
+class Compose:
+    path: Path
+    text: str
+    services: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Database:
+    mode: str  # managed | external | none
+    uri: Secret | None = None
+    size: str = "db-s-1vcpu-1gb"
+    version: str = "16"
+    node_count: int = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    stack: str
+    region: str
+    vpc_ip_range: str
+    droplet_size: str
+    droplet_image: str
+    private_interface: str
+    ssh_public_key: str | None
+    ssh_key_fingerprints: tuple[str, ...]
+    ssh_private_key: Secret
+    admin_cidrs: tuple[str, ...]
+    reserved_ip: str | None
+    compose: Compose
+    health_url: str
+    app_port: int
+    registry: Registry | None
+    failover_token: Secret
+    protect: bool
+    failover_profile: str
+    vrrp_router_id: int
+    database: Database = field(default_factory=lambda: Database(mode="none"))
+
+    @property
+    def http_ports(self) -> tuple[int, ...]:
+        """Ports the host firewall opens to everyone: HTTP, HTTPS and the app's own port."""
+        return tuple(sorted({80, 443, self.app_port}))
+
+    @property
+    def health_path(self) -> str:
+        parts = urlsplit(self.health_url)
+        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{PROJECT}:{self.key}: {self.message}"
+
+
+class SettingsError(ValueError):
+    """Every configuration problem found, each naming its key and what would be valid."""
+
+    def __init__(self, problems: list[Problem], stack: str = "") -> None:
+        self.problems = problems
+        where = f" in stack '{stack}'" if stack else ""
+        lines = [f"{len(problems)} configuration problem(s){where}; nothing was created or changed:"]
+        lines += [f"  - {p}" for p in problems]
+        lines.append("Fix with `pulumi config set KEY VALUE` (secrets: `pulumi config set --secret KEY`).")
+        super().__init__("\n".join(lines))
+
+
+class _Reader:
+    """Collects problems while reading typed values with the schema's defaults."""
+
+    def __init__(self, source: ConfigSource, schema: Mapping[str, ConfigKey]) -> None:
+        self.source = source
+        self.schema = schema
+        self.problems: list[Problem] = []
+
+    def fail(self, key: str, message: str) -> None:
+        self.problems.append(Problem(key, message))
+
+    def raw(self, key: str) -> str | None:
+        value = self.source.get(key)
+        if value is None:
+            default = self.schema[key].default
+            if default is None:
+                return None
+            if isinstance(default, (list, dict)):
+                return json.dumps(default)
+            if isinstance(default, bool):
+                return "true" if default else "false"
+            return str(default)
+        return value
+
+    def string(self, key: str) -> str:
+        value = self.raw(key)
+        if value is None:
+            self.fail(key, f"is required ({self.schema[key].description_first_sentence})")
+            return ""
+        return value.strip()
+
+    def integer(self, key: str, low: int, high: int) -> int:
+        value = self.raw(key)
+        default = self.schema[key].default
+        try:
+            number = int(str(value).strip())
+        except (TypeError, ValueError):
+            self.fail(key, f"'{value}' is not an integer; use a whole number from {low} to {high}")
+            return int(default) if isinstance(default, int) else low
+        if not low <= number <= high:
+            self.fail(key, f"{number} is out of range; use a whole number from {low} to {high}")
+        return number
+
+    def boolean(self, key: str) -> bool:
+        value = (self.raw(key) or "").strip().lower()
+        if value in ("true", "false"):
+            return value == "true"
+        self.fail(key, f"'{value}' is not a boolean; use true or false")
+        return False
+
+    def string_list(self, key: str) -> list[str] | None:
+        value = self.raw(key)
+        if value is None:
+            return None
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            self.fail(key, f"must be a list of strings, e.g. `pulumi config set --path '{key}[0]' VALUE`")
+            return []
+        return [v.strip() for v in parsed]
+
+    def secret(self, key: str, required: bool) -> Secret | None:
+        value = self.source.get(key)
+        if value is None or value.strip() == "":
+            if required:
+                self.fail(key, f"is required and secret: `pulumi config set --secret {key}` "
+                               f"({self.schema[key].description_first_sentence})")
+            return None
+        if not self.source.is_secret(key):
+            # Never echo the value: it was meant to be a secret.
+            self.fail(key, f"was set in plaintext; set it again with `pulumi config set --secret {key}` "
+                           "(and rotate it: the plaintext value is in the stack file's history)")
+        return Secret(value.strip())
+
+
+_NOT_PUBLIC = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.168.0.0/16", "224.0.0.0/3",
+))
+
+
+def _not_public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Private, shared, loopback, link-local, multicast or reserved: never a reserved IP. (The
+    documentation ranges pass, so tests and examples can use them.)"""
+    return any(addr in net for net in _NOT_PUBLIC)
+
+
+def _network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(value, strict=True)
+
+
+def _check_vpc_range(r: _Reader, key: str, value: str) -> str:
+    try:
+        net = _network(value)
+    except ValueError as exc:
+        hint = ""
+        with contextlib.suppress(ValueError):
+            hint = f" (did you mean {ipaddress.ip_network(value, strict=False)}?)"
+        r.fail(key, f"'{value}' is not a valid network in CIDR notation{hint}: {exc}")
+        return value
+    if net.version != 4 or not any(net.subnet_of(p) for p in RFC1918):
+        r.fail(key, f"{net} is not a private range; use an RFC 1918 range such as 10.110.16.0/24")
+        return value
+    if not 16 <= net.prefixlen <= 28:
+        r.fail(key, f"/{net.prefixlen} is outside what DigitalOcean allows for a VPC; use /16 to /28")
+    for forbidden, why in FORBIDDEN_VPC_RANGES.items():
+        if net.overlaps(ipaddress.ip_network(forbidden)):
+            r.fail(key, f"{net} overlaps {forbidden} ({why}); choose a range inside 10.0.0.0/8 "
+                        "away from 10.229/16 and 10.244-10.246")
+            break
+    return str(net)
+
+
+def _check_admin_cidrs(r: _Reader, key: str, values: list[str] | None) -> tuple[str, ...]:
+    if values is None:
+        r.fail(key, "is required: the CIDRs allowed to SSH to the droplets, e.g. "
+                    f"`pulumi config set --path '{key}[0]' 203.0.113.0/24`")
+        return ()
+    if not values:
+        r.fail(key, "is empty; list at least one CIDR allowed to SSH (your office or CI egress), "
+                    "or nobody, Pulumi included, can provision the droplets")
+        return ()
+    out: list[str] = []
+    for i, value in enumerate(values):
+        try:
+            net = _network(value)
+        except ValueError:
+            try:
+                hint = f"; did you mean {ipaddress.ip_network(value, strict=False)}?"
+            except ValueError:
+                hint = "; use a network like 203.0.113.0/24 or a host like 203.0.113.7/32"
+            r.fail(f"{key}[{i}]", f"'{value}' is not a valid CIDR{hint}")
+            continue
+        if net.prefixlen == 0:
+            r.fail(f"{key}[{i}]", f"{net} opens SSH to the whole internet; list the networks you administer from")
+            continue
+        out.append(str(net))
+    return tuple(out)
+
+
+def _check_compose(r: _Reader, key: str, value: str, project_dir: Path) -> Compose:
+    path = (project_dir / value).resolve() if not Path(value).is_absolute() else Path(value)
+    empty = Compose(path=path, text="", services=())
+    if not value:
+        r.fail(key, "is empty; give the path of the docker compose file to deploy, e.g. deploy/compose.yaml")
+        return empty
+    if not path.is_file():
+        r.fail(key, f"{path} does not exist; give the path (relative to the project) of the compose file")
+        return empty
+    text = path.read_text()
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        r.fail(key, f"{path} is not valid YAML: {str(exc).splitlines()[0]}")
+        return empty
+    services = doc.get("services") if isinstance(doc, dict) else None
+    if not isinstance(services, dict) or not services:
+        r.fail(key, f"{path} has no services; a compose file needs a `services:` mapping with at least one service")
+        return empty
+    for name, spec in services.items():
+        if not isinstance(spec, dict) or not spec.get("image"):
+            r.fail(key, f"service '{name}' in {path} has no image; the droplets pull images, they never build")
+    return Compose(path=path, text=text, services=tuple(sorted(services)))
+
+
+def _check_health_url(r: _Reader, key: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        r.fail(key, f"'{value}' is not an http(s) URL; use e.g. http://127.0.0.1:80/latest")
+        return value
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        r.fail(key, f"host '{parts.hostname}' is not loopback; each node checks its own app, "
+                    "so use http://127.0.0.1:PORT/PATH")
+    return value
+
+
+def unknown_keys(source: ConfigSource, schema: Mapping[str, ConfigKey]) -> list[Problem]:
+    problems = []
+    for key in list(source.keys()):
+        if key in schema:
+            continue
+        close = difflib.get_close_matches(key, list(schema), n=1)
+        hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(sorted(schema))}"
+        problems.append(Problem(key, f"is not a setting of this project{hint}"))
+    return problems
+
+
+def load_settings(source: ConfigSource, stack: str, project_dir: Path,
+                  schema: Mapping[str, ConfigKey] | None = None) -> Settings:
+    """Read and validate every setting; raise SettingsError with all problems found."""
+    schema = schema if schema is not None else load_schema(project_dir / "Pulumi.yaml")
+    r = _Reader(source, schema)
+    r.problems.extend(unknown_keys(source, schema))
+
+    region = r.string("region")
+    if region and not _REGION_RE.match(region):
+        r.fail("region", f"'{region}' is not a region slug; use one of {', '.join(KNOWN_REGIONS)}")
+    elif region and region not in KNOWN_REGIONS:
+        r.fail("region", f"'{region}' is not a DigitalOcean region we know; use one of {', '.join(KNOWN_REGIONS)}")
+
+    vpc_ip_range = _check_vpc_range(r, "vpcIpRange", r.string("vpcIpRange"))
+
+    size = r.string("dropletSize")
+    if size and not _SIZE_RE.match(size):
+        r.fail("dropletSize", f"'{size}' is not a droplet size slug; use e.g. s-1vcpu-2gb or s-2vcpu-4gb "
+                              "(`doctl compute size list`)")
+
+    image = r.string("dropletImage")
+    if image and not (image in SUPPORTED_IMAGES or image.isdigit()):
+        r.fail("dropletImage", f"'{image}' is not supported; use {', '.join(SUPPORTED_IMAGES)} "
+                               "(keepalived 2.2.x, apt) or the numeric ID of your snapshot of one")
+
+    iface = r.string("privateInterface")
+    if not _IFACE_RE.match(iface) or iface == "lo":
+        r.fail("privateInterface", f"'{iface}' is not a usable interface name; use the VPC interface, eth1 "
+                                   "on DigitalOcean's images")
+
+    pubkey = r.string("sshPublicKey")
+    fingerprints = r.string_list("sshKeyFingerprints") or []
+    if pubkey and not _PUBKEY_RE.match(pubkey):
+        r.fail("sshPublicKey", "is not an OpenSSH public key; paste one line like 'ssh-ed25519 AAAA... you@host' "
+                               "(the contents of ~/.ssh/id_ed25519.pub)")
+    for i, fp in enumerate(fingerprints):
+        if not _FINGERPRINT_RE.match(fp.lower()):
+            r.fail(f"sshKeyFingerprints[{i}]", f"'{fp}' is not an MD5 fingerprint; use the aa:bb:...:ff form "
+                                               "DigitalOcean shows (`doctl compute ssh-key list`)")
+    if not pubkey and not fingerprints:
+        r.fail("sshPublicKey", "neither sshPublicKey nor sshKeyFingerprints is set; set one so the `deploy` "
+                               "user gets a key (`pulumi config set sshPublicKey \"$(cat ~/.ssh/id_ed25519.pub)\"`)")
+
+    private_key = r.secret("sshPrivateKey", required=True)
+    if private_key:
+        text = private_key.reveal()
+        if text.startswith(("ssh-", "ecdsa-")):
+            r.fail("sshPrivateKey", "holds a public key; it needs the private key matching sshPublicKey")
+        elif not _PRIVATE_KEY_BEGIN.search(text):
+            r.fail("sshPrivateKey", "is not a private key in OpenSSH or PEM format "
+                                    "(`pulumi config set --secret sshPrivateKey < ~/.ssh/id_ed25519`)")
+        elif "ENCRYPTED" in text or "Proc-Type: 4,ENCRYPTED" in text:
+            r.fail("sshPrivateKey", "is protected by a passphrase; use a dedicated deploy key without one")
+        # Key parsers want the final newline that `pulumi config set < file` may have kept or lost.
+        private_key = Secret(text.strip() + "\n")
+
+    admin_cidrs = _check_admin_cidrs(r, "adminCidrs", r.string_list("adminCidrs"))
+
+    reserved_ip = r.string("reservedIp") or None
+    if reserved_ip:
+        try:
+            addr = ipaddress.ip_address(reserved_ip)
+            if addr.version != 4:
+                r.fail("reservedIp", f"{addr} is IPv6; this stack adopts a reserved IPv4 address")
+            elif _not_public(addr):
+                r.fail("reservedIp", f"{addr} is not a public address; a reserved IP is public "
+                                     "(`doctl compute reserved-ip list`), or leave it empty to create one")
+        except ValueError:
+            r.fail("reservedIp", f"'{reserved_ip}' is not an IPv4 address; use e.g. 203.0.113.10, "
+                                 "or leave it empty to create one")
+
+    compose = _check_compose(r, "composeFile", r.string("composeFile"), project_dir)
+    health_url = _check_health_url(r, "healthUrl", r.string("healthUrl"))
+    app_port = r.integer("appPort", 1, 65535)
+    if app_port == 22:
+        r.fail("appPort", "22 is SSH's port, reserved for the admin CIDRs; publish the app on 80 or another port")
+
+    registry = None
+    server = r.string("registryServer")
+    user = r.string("registryUsername")
+    password = r.secret("registryPassword", required=False)
+    if server and not _REGISTRY_RE.match(server):
+        r.fail("registryServer", f"'{server}' is not a registry host; use e.g. registry.digitalocean.com or ghcr.io")
+    if any((server, user, password)):
+        for key, val in (("registryServer", server), ("registryUsername", user), ("registryPassword", password)):
+            if not val:
+                r.fail(key, "is missing: registryServer, registryUsername and registryPassword go together "
+                            "(leave all three empty for public images)")
+        if server and user and password:
+            registry = Registry(server=server, username=user, password=password)
+
+    token = r.secret("failoverToken", required=True)
+    if token and not _TOKEN_RE.match(token.reveal()):
+        r.fail("failoverToken", "does not look like a DigitalOcean API token (dop_v1_ followed by 64 hex "
+                                "digits); create a custom-scoped token with reserved_ip:update")
+
+    protect = r.boolean("protect")
+    profile = r.string("failoverProfile")
+    if profile not in PROFILES:
+        r.fail("failoverProfile", f"'{profile}' is not a profile; use one of {', '.join(sorted(PROFILES))}")
+    router_id = r.integer("vrrpRouterId", 1, 255)
+
+    database = _read_database(r)
+
+    if r.problems:
+        raise SettingsError(r.problems, stack)
+    assert private_key is not None and token is not None  # noqa: S101 - guaranteed by r.problems
+    return Settings(
+        stack=stack, region=region, vpc_ip_range=vpc_ip_range, droplet_size=size, droplet_image=image,
+        private_interface=iface, ssh_public_key=pubkey or None,
+        ssh_key_fingerprints=tuple(fp.lower() for fp in fingerprints), ssh_private_key=private_key,
+        admin_cidrs=admin_cidrs, reserved_ip=reserved_ip, compose=compose, health_url=health_url,
+        app_port=app_port, registry=registry, failover_token=token, protect=protect,
+        failover_profile=profile, vrrp_router_id=router_id, database=database,
+    )
+
+
+_DB_SIZE_RE = re.compile(r"^db-[a-z0-9]+(-[a-z0-9]+)+$")
+
+
+def _read_database(r: _Reader) -> Database:
+    mode = r.string("database")
+    uri = r.secret("databaseUri", required=False)
+    size = r.string("databaseSize")
+    version = r.string("databaseVersion")
+    nodes = r.integer("databaseNodeCount", 1, 3)
+    if mode not in ("managed", "external", "none"):
+        r.fail("database", f"'{mode}' is not a database mode; use managed, external or none")
+        return Database(mode="none")
+    if mode == "external":
+        if not uri:
+            r.fail("databaseUri", "is required with database=external: "
+                                  "`pulumi config set --secret databaseUri postgresql://user:pass@host:5432/db`")
+        elif not uri.reveal().startswith(("postgresql://", "postgres://")):
+            r.fail("databaseUri", "is not a PostgreSQL URI; use postgresql://USER:PASSWORD@HOST:PORT/DB")
+    elif uri:
+        r.fail("databaseUri", f"is set but database={mode} ignores it; unset it or use database=external")
+    if mode == "managed":
+        if not _DB_SIZE_RE.match(size):
+            r.fail("databaseSize", f"'{size}' is not a database size slug; use e.g. db-s-1vcpu-1gb")
+        if not version.isdigit() or not 13 <= int(version) <= 17:
+            r.fail("databaseVersion", f"'{version}' is not a supported PostgreSQL major version; use 13 to 17")
+    return Database(mode=mode, uri=uri, size=size, version=version, node_count=nodes)

@@ -1,0 +1,185 @@
+"""The remote provisioning steps: what each one sends and runs on a node. Pure functions.
+
+Every step receives its files as one deterministic tar.gz archive (base64) on stdin and extracts
+it as root, so owner and mode are right from the first byte. Secrets are the exception: each
+goes alone on stdin to `install -m 0600 /dev/stdin PATH`. Nothing secret ever appears in a
+command line or an SSH environment variable (sshd would also drop those without AcceptEnv).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import shlex
+import tarfile
+
+from infra.node import NodeFile, NodePaths
+
+# keepalived 2.2.7 (Debian 12) kills itself with SIGTERM after a *clean* `-t` run (exit 143; fixed
+# in 2.2.8, acassen/keepalived#2587), and it reports unknown keywords only as warnings. So a config
+# passes when the exit code is 0 or 143 and keepalived printed nothing.
+KEEPALIVED_T_OK = (0, 143)
+
+
+def archive_b64(files: list[NodeFile], rename: dict[str, str] | None = None) -> str:
+    """A reproducible tar.gz of `files` (root:root, their modes, mtime 0), base64-encoded.
+
+    Parent directories are included as root:root 0755 so a fresh node gets them right; tar is
+    run with --no-overwrite-dir, so existing system directories keep their metadata."""
+    rename = rename or {}
+    buf = io.BytesIO()
+    # gzip header mtime 0 and sorted members: the same files give the same bytes.
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, compresslevel=9) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        dirs: set[str] = set()
+        for f in files:
+            parts = rename.get(f.path, f.path).lstrip("/").split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                dirs.add("/".join(parts[:i]))
+        for d in sorted(dirs):
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            info.mtime = 0
+            tar.addfile(info)
+        for f in sorted(files, key=lambda f: f.path):
+            data = f.content.encode()
+            info = tarfile.TarInfo(rename.get(f.path, f.path).lstrip("/"))
+            info.size = len(data)
+            info.mode = f.mode
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+EXTRACT = "base64 -d | sudo tar -xzf - -C / --no-overwrite-dir --same-owner --same-permissions"
+
+
+def _script(*lines: str) -> str:
+    return "\n".join(["set -eu", *lines]) + "\n"
+
+
+def wait_command() -> str:
+    """Wait for cloud-init (deploy user, sshd hardening) before anything else touches the node."""
+    return _script(
+        "# cloud-init exit codes: 0 done, 2 done with recoverable errors; anything else is a failed boot.",
+        "rc=0; sudo cloud-init status --wait >/dev/null || rc=$?",
+        'if [ "$rc" -ne 0 ] && [ "$rc" -ne 2 ]; then',
+        '  echo "cloud-init failed (exit $rc):" >&2; sudo cloud-init status --long >&2; exit 1',
+        "fi",
+        'echo "cloud-init finished (exit $rc)"',
+    )
+
+
+def bootstrap_command() -> str:
+    """The bootstrap script itself arrives on stdin (scripts/node-bootstrap.sh)."""
+    return "sudo bash -s"
+
+
+def secret_file_command(path: str, owner: str = "root", mode: str = "0600") -> str:
+    """Write stdin to `path` with its final owner and mode from the first byte."""
+    q = shlex.quote(path)
+    return _script(
+        f"sudo install -d -m 0755 -o root -g root {shlex.quote(path.rsplit('/', 1)[0])}",
+        f"sudo install -m {mode} -o {owner} -g {owner} /dev/stdin {q}",
+        f'echo "wrote {path} ({mode})"',
+    )
+
+
+def failover_command(paths: NodePaths) -> str:
+    units = "minitwit-ha-healthwatch.service minitwit-ha-reconcile.service"
+    return _script(
+        EXTRACT,
+        f"sudo systemd-tmpfiles --create {paths.root}/etc/tmpfiles.d/minitwit-ha.conf",
+        "sudo systemctl daemon-reload",
+        f"sudo systemctl enable {units}",
+        "# Restart so the watcher and the reconciler run the scripts and settings just installed.",
+        f"sudo systemctl restart {units}",
+        'echo "failover scripts and settings installed"',
+    )
+
+
+def firewall_command(paths: NodePaths, admin_cidrs: tuple[str, ...]) -> str:
+    conf = shlex.quote(paths.nftables_conf)
+    cidrs = " ".join(shlex.quote(c) for c in admin_cidrs)
+    return _script(
+        "# Refuse to lock out the machine running this: its address must be inside adminCidrs.",
+        'client="${SSH_CLIENT%% *}"',
+        f'python3 - "$client" {cidrs} <<\'EOF\'',
+        "import ipaddress, sys",
+        "client = ipaddress.ip_address(sys.argv[1])",
+        "if not any(client in ipaddress.ip_network(c) for c in sys.argv[2:]):",
+        "    sys.exit(f'refusing to apply the firewall: this SSH session comes from {client}, which is '",
+        "             f'not in adminCidrs ({\", \".join(sys.argv[2:])}); add it or run from inside')",
+        "EOF",
+        EXTRACT,
+        f"sudo nft -c -f {conf}",
+        f"sudo nft -f {conf}",
+        "sudo systemctl enable nftables",
+        'echo "nftables ruleset applied"',
+    )
+
+
+def keepalived_command(paths: NodePaths) -> str:
+    conf = paths.keepalived_conf
+    new = f"{conf}.new"
+    ok = " ".join(str(c) for c in KEEPALIVED_T_OK)
+    return _script(
+        EXTRACT,
+        "# Check the new file before it replaces the running one.",
+        f"out=$(sudo keepalived -t -f {shlex.quote(new)} 2>&1) && rc=0 || rc=$?",
+        "case \" " + ok + " \" in *\" $rc \"*) ;; *) rc=fail ;; esac",
+        'if [ "$rc" = fail ] || [ -n "$out" ]; then',
+        '  echo "keepalived -t rejected the rendered configuration:" >&2; echo "$out" >&2',
+        f"  sudo rm -f {shlex.quote(new)}; exit 1",
+        "fi",
+        f"sudo mv {shlex.quote(new)} {shlex.quote(conf)}",
+        "# Reload, not restart: a restart would drop MASTER and move the reserved IP for nothing.",
+        "if systemctl is-active --quiet keepalived; then sudo systemctl reload keepalived;"
+        " else sudo systemctl enable --now keepalived; fi",
+        'echo "keepalived configuration checked and loaded"',
+    )
+
+
+def keepalived_staging_path(paths: NodePaths) -> dict[str, str]:
+    return {paths.keepalived_conf: f"{paths.keepalived_conf}.new"}
+
+
+def registry_login_command(server: str, username: str) -> str:
+    return _script(
+        f"sudo docker login --username {shlex.quote(username)} --password-stdin {shlex.quote(server)} >/dev/null",
+        f'echo "logged in to {server} as {username}"',
+    )
+
+
+def app_command(paths: NodePaths, project: str, health_timeout_s: int = 300) -> str:
+    compose = f"sudo docker compose -p {shlex.quote(project)} -f {shlex.quote(paths.compose_file)}"
+    health = paths.script("mt-health")
+    return _script(
+        EXTRACT,
+        f"{compose} pull --quiet",
+        f"{compose} up -d --remove-orphans",
+        "# Wait (bounded) until this node is healthy again before the other node's turn.",
+        f"deadline=$(( $(date +%s) + {health_timeout_s} ))",
+        f"until sudo {shlex.quote(health)} all; do",
+        '  if [ "$(date +%s)" -ge "$deadline" ]; then',
+        f'    echo "app not healthy after {health_timeout_s}s; see: {compose} ps; {compose} logs" >&2; exit 1',
+        "  fi",
+        "  sleep 2",
+        "done",
+        'echo "app up and healthy"',
+    )
+
+
+def digest(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+#
+# node-bootstrap.sh — first provisioning step on a minitwit-ha droplet (run as root, via
+# `sudo bash -s` with this file on stdin). Idempotent: safe to run again.
+#
+# Installs keepalived, nftables, curl and Docker Engine with the compose plugin (from Docker's
+# apt repository: Debian's own docker-compose is the old v1), creates the unprivileged user
+# keepalived runs its checks as, and leaves keepalived stopped until its configuration arrives.
+
+set -Eeuo pipefail
+
+readonly DOCKER_APT_URL="${DOCKER_APT_URL:-https://download.docker.com/linux}"
+readonly SCRIPT_USER="${SCRIPT_USER:-keepalived_script}"
+readonly LOG_TAG="minitwit-ha"
+
+log() {
+  echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) ${LOG_TAG} bootstrap: $*" >&2
+  logger -t "${LOG_TAG}" "bootstrap: $*" 2>/dev/null || true
+}
+
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
+
+install_base() {
+  log "installing keepalived, nftables, curl, python3"
+  apt-get update -q
+  apt_install keepalived nftables curl ca-certificates python3 gnupg
+}
+
+install_docker() {
+  if docker compose version >/dev/null 2>&1; then
+    log "docker and the compose plugin are already installed"
+    return
+  fi
+  local distro codename arch
+  # shellcheck disable=SC1091 # os-release exists on every Debian/Ubuntu droplet
+  distro="$(. /etc/os-release && echo "${ID}")"
+  # shellcheck disable=SC1091
+  codename="$(. /etc/os-release && echo "${VERSION_CODENAME}")"
+  arch="$(dpkg --print-architecture)"
+  log "adding Docker's apt repository for ${distro} ${codename}"
+  install -m 0755 -d /etc/apt/keyrings
+  curl --fail --silent --show-error --max-time 60 "${DOCKER_APT_URL}/${distro}/gpg" -o /etc/apt/keyrings/docker.asc
+  chmod 0644 /etc/apt/keyrings/docker.asc
+  echo "deb [arch=${arch} signed-by=/etc/apt/keyrings/docker.asc] ${DOCKER_APT_URL}/${distro} ${codename} stable" \
+    > /etc/apt/sources.list.d/docker.list
+  apt-get update -q
+  apt_install docker-ce docker-ce-cli containerd.io docker-compose-plugin
+  systemctl enable --now docker
+}
+
+create_script_user() {
+  if id -u "${SCRIPT_USER}" >/dev/null 2>&1; then
+    return
+  fi
+  log "creating system user ${SCRIPT_USER} for keepalived's unprivileged checks"
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "${SCRIPT_USER}"
+}
+
+main() {
+  install_base
+  install_docker
+  create_script_user
+  # deploy runs the rollout's compose commands through sudo; the docker group would be root anyway.
+  install -d -m 0755 -o root -g root /usr/libexec/minitwit-ha /etc/minitwit-ha /srv/minitwit /var/lib/minitwit-ha
+  if ! [ -s /etc/keepalived/keepalived.conf ]; then
+    # Debian starts keepalived on install; without our config it has nothing to do.
+    systemctl stop keepalived 2>/dev/null || true
+  fi
+  log "done"
+}
+
+main "$@"

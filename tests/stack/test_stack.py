@@ -1,0 +1,301 @@
+"""The program under Pulumi mocks: what is declared, what each node gets, where secrets go."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import tarfile
+
+import pulumi
+import pytest
+import yaml
+
+from infra.offline import unwrap
+from tests.conftest import (
+    PUBLIC_KEY,
+    SENTINEL_PRIVATE_KEY,
+    SENTINEL_REGISTRY_PASSWORD,
+    SENTINEL_TOKEN,
+    base_config,
+    run_stack,
+)
+
+DROPLET = "digitalocean:index/droplet:Droplet"
+RESERVED_IP = "digitalocean:index/reservedIp:ReservedIp"
+VPC = "digitalocean:index/vpc:Vpc"
+SSH_KEY = "digitalocean:index/sshKey:SshKey"
+REMOTE = "command:remote:Command"
+NODES = ("primary", "standby")
+
+
+def archive_files(run, name: str) -> dict[str, tuple[int, str]]:
+    """The files a step sends: its stdin is a base64 tar.gz; path -> (mode, text)."""
+    data = base64.b64decode(run.mocks.named(name).plain("stdin"))
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar:
+            if member.isfile():
+                out["/" + member.name] = (member.mode, tar.extractfile(member).read().decode())
+    return out
+
+
+def node_file(run, node: str, step: str, path: str) -> str:
+    return archive_files(run, f"minitwit-test-{node}-{step}")[path][1]
+
+
+def test_resource_set_and_counts(stack_run):
+    types = [r.typ for r in stack_run.resources]
+    assert types.count(VPC) == 1
+    assert types.count(SSH_KEY) == 1
+    assert types.count(DROPLET) == 2
+    assert types.count(RESERVED_IP) == 1
+    assert types.count("minitwit-ha:index:HaPair") == 1
+    # No cloud firewall (it cannot pass VRRP) and nothing that assigns the reserved IP.
+    assert not [t for t in types if "firewall" in t.lower() and "database" not in t.lower()]
+    assert not [t for t in types if "Assignment" in t]
+    names = {r.name for r in stack_run.resources if r.typ == DROPLET}
+    assert names == {"minitwit-test-primary", "minitwit-test-standby"}
+
+
+def test_both_droplets_in_the_vpc_and_one_region(stack_run):
+    vpc = stack_run.mocks.of_type(VPC)[0]
+    assert vpc.plain("ipRange") == "10.110.16.0/24"
+    droplets = stack_run.mocks.of_type(DROPLET)
+    for d in droplets:
+        assert d.plain("vpcUuid") == "c0ffee00-0000-4000-8000-000000000001"
+        assert d.plain("region") == vpc.plain("region") == "fra1"
+        assert d.plain("monitoring") is True
+        assert "minitwit-ha" in d.plain("tags")
+        assert d.plain("sshKeys") == ["3b:16:bf:e4:8b:00:8b:b8:59:8c:a9:d3:f0:19:45:fa"]
+
+
+def test_cloud_init_creates_deploy_and_locks_root(stack_run):
+    user_data = stack_run.mocks.of_type(DROPLET)[0].plain("userData")
+    assert user_data.startswith("#cloud-config\n")
+    doc = yaml.safe_load(user_data)
+    deploy = doc["users"][0]
+    assert deploy["name"] == "deploy" and deploy["ssh_authorized_keys"] == [PUBLIC_KEY]
+    assert "sudo" in deploy["groups"]
+    sshd = next(f for f in doc["write_files"] if f["path"].startswith("/etc/ssh/sshd_config.d/"))
+    assert "PermitRootLogin no" in sshd["content"] and "PasswordAuthentication no" in sshd["content"]
+    assert doc["ssh_pwauth"] is False
+    # Both droplets get the same user data: it must not change per deploy (that replaces droplets).
+    assert len({d.plain("userData") for d in stack_run.mocks.of_type(DROPLET)}) == 1
+
+
+def test_reserved_ip_created_with_region_only(stack_run):
+    rip = stack_run.mocks.of_type(RESERVED_IP)[0]
+    assert rip.resource_id is None
+    assert rip.plain("region") == "fra1"
+    assert "dropletId" not in rip.inputs
+    assert stack_run.outputs["reserved_ip"].value == "203.0.113.10"
+
+
+def test_adopted_reserved_ip_is_read_not_managed():
+    run = run_stack(base_config(reservedIp="203.0.113.77"))
+    rip = run.mocks.of_type(RESERVED_IP)[0]
+    assert rip.resource_id == "203.0.113.77"  # a .get(): Pulumi neither changes nor deletes it
+    assert rip.inputs == {}
+    assert run.outputs["reserved_ip"].value == "203.0.113.77"
+    assert run.outputs["app_url"].value == "http://203.0.113.77/"
+
+
+def test_no_resource_can_move_the_reserved_ip(stack_run):
+    for r in stack_run.resources:
+        assert "dropletId" not in r.inputs or r.typ != RESERVED_IP
+        assert "ReservedIpAssignment" not in r.typ and "FloatingIpAssignment" not in r.typ
+    # Nothing Pulumi runs calls the reserved-IP API; only keepalived's notify script does, on the node.
+    for r in stack_run.commands():
+        for key in ("create", "update", "delete"):
+            assert "reserved_ips" not in str(r.plain(key) or "")
+
+
+def test_outputs_have_the_contract_names_and_shapes(stack_run):
+    out = {k: v.value for k, v in stack_run.outputs.items()}
+    assert set(out) == {"reserved_ip", "app_url", "vpc_id", "nodes"}
+    assert out["app_url"] == "http://203.0.113.10/"
+    assert set(out["nodes"]) == set(NODES)
+    ids = set()
+    for node in NODES:
+        n = out["nodes"][node]
+        assert set(n) == {"droplet_id", "public_ipv4", "private_ipv4"}
+        assert isinstance(n["droplet_id"], int)
+        ids.add(n["droplet_id"])
+    assert len(ids) == 2
+    assert out["nodes"]["primary"]["private_ipv4"] != out["nodes"]["standby"]["private_ipv4"]
+
+
+@pytest.mark.parametrize("node,peer", [("primary", "standby"), ("standby", "primary")])
+def test_keepalived_conf_uses_own_ip_as_source_and_the_other_as_peer(stack_run, node, peer):
+    nodes = stack_run.outputs["nodes"].value
+    conf = node_file(stack_run, node, "keepalived", "/etc/keepalived/keepalived.conf.new")
+    assert re.search(rf"^\s*unicast_src_ip {re.escape(nodes[node]['private_ipv4'])}$", conf, re.M)
+    peers = re.search(r"unicast_peer \{\s*([^}]*)\}", conf).group(1).split()
+    assert peers == [nodes[peer]["private_ipv4"]]
+    assert re.search(r"^\s*state BACKUP$", conf, re.M) and re.search(r"^\s*nopreempt$", conf, re.M)
+    assert "enable_script_security" in conf
+    assert re.search(r'notify "/usr/libexec/minitwit-ha/mt-failover notify" root', conf)
+    assert f"priority {150 if node == 'primary' else 100}" in conf
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_env_file_carries_reserved_ip_and_own_droplet_id(stack_run, node):
+    nodes = stack_run.outputs["nodes"].value
+    env = node_file(stack_run, node, "failover", "/etc/minitwit-ha/failover.env")
+    values = dict(line.split("=", 1) for line in env.splitlines() if line and not line.startswith("#"))
+    assert values["RESERVED_IP"] == "203.0.113.10"
+    assert values["DROPLET_ID"] == str(nodes[node]["droplet_id"])
+    assert values["NODE_NAME"] == node
+    assert values["DO_API_URL"] == "https://api.digitalocean.com"
+    assert values["METADATA_URL"] == "http://169.254.169.254/metadata/v1"
+    assert SENTINEL_TOKEN not in env
+
+
+@pytest.mark.parametrize("node,peer", [("primary", "standby"), ("standby", "primary")])
+def test_firewall_admits_vrrp_only_from_the_peer(stack_run, node, peer):
+    nodes = stack_run.outputs["nodes"].value
+    rules = node_file(stack_run, node, "firewall", "/etc/nftables.conf")
+    vrrp_accept = [ln.strip() for ln in rules.splitlines() if "vrrp" in ln and "accept" in ln]
+    assert vrrp_accept == [f'meta l4proto vrrp iifname "eth1" ip saddr {nodes[peer]["private_ipv4"]} accept']
+    assert "tcp dport 22 ip saddr @admin_v4 accept" in rules and "198.51.100.0/24" in rules
+    assert "tcp dport { 80, 443 } accept" in rules
+    assert "policy drop" in rules
+
+
+def test_scripts_go_to_a_root_owned_libexec_with_mode_0755(stack_run):
+    files = archive_files(stack_run, "minitwit-test-primary-failover")
+    for name in ("mt-failover", "mt-health", "mt-healthwatch"):
+        mode, _ = files[f"/usr/libexec/minitwit-ha/{name}"]
+        assert mode == 0o755
+    data = base64.b64decode(stack_run.mocks.named("minitwit-test-primary-failover").plain("stdin"))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert {(m.uid, m.gid) for m in tar} == {(0, 0)}
+        dirs = {m.name: m.mode for m in tar if m.isdir()}
+    assert dirs["usr/libexec/minitwit-ha"] == 0o755
+
+
+def _every_secret_sentinel():
+    return (SENTINEL_TOKEN, SENTINEL_PRIVATE_KEY.splitlines()[1], SENTINEL_REGISTRY_PASSWORD)
+
+
+def test_secrets_never_reach_commands_environments_or_plain_outputs():
+    run = run_stack(base_config(registryServer="registry.digitalocean.com", registryUsername="ci",
+                                registryPassword=SENTINEL_REGISTRY_PASSWORD))
+    commands = run.commands()
+    assert len(commands) >= 18
+    for r in commands:
+        for key in ("create", "update", "delete", "environment", "dir"):
+            text = repr(r.plain(key))
+            for sentinel in _every_secret_sentinel():
+                assert sentinel not in text, f"{r.name}.{key} carries a secret"
+        assert "environment" not in r.inputs or not r.plain("environment")
+        # Where a secret travels (stdin), it is marked secret so state encrypts it.
+        stdin = repr(r.plain("stdin"))
+        if any(s in stdin for s in _every_secret_sentinel()):
+            assert r.is_secret("stdin"), f"{r.name}.stdin carries a secret without the secret flag"
+        if r.typ == REMOTE:
+            assert r.is_secret("connection")
+    for key, resolved in run.outputs.items():
+        if not resolved.secret:
+            for sentinel in _every_secret_sentinel():
+                assert sentinel not in repr(resolved.value), f"output {key} leaks a secret"
+    # ...and the token does reach the node, through its own 0600 install.
+    token_cmds = [r for r in commands if r.name.endswith("-failover-token")]
+    assert len(token_cmds) == 2
+    for r in token_cmds:
+        assert unwrap(r.inputs["stdin"]) == SENTINEL_TOKEN and r.is_secret("stdin")
+        assert "install -m 0600 -o root -g root /dev/stdin /etc/minitwit-ha/do-token" in r.plain("create")
+    login = [r for r in commands if r.name.endswith("-registry-login")]
+    assert len(login) == 2 and all("--password-stdin" in r.plain("create") for r in login)
+
+
+def _step_triggers(run) -> dict[str, str]:
+    return {r.name: repr(r.plain("triggers")) for r in run.commands()}
+
+
+def test_changing_the_compose_file_changes_only_the_app_steps(tmp_path):
+    compose = tmp_path / "compose.yaml"
+    compose.write_text("services:\n  minitwit:\n    image: example/minitwit:1\n")
+    before = _step_triggers(run_stack(base_config(composeFile=str(compose))))
+    compose.write_text("services:\n  minitwit:\n    image: example/minitwit:2\n")
+    after = _step_triggers(run_stack(base_config(composeFile=str(compose))))
+    changed = sorted(name for name in before if before[name] != after[name])
+    # The two nodes' app steps, and the readiness gate that re-checks the pair after any change.
+    assert changed == ["minitwit-test-primary-app", "minitwit-test-ready", "minitwit-test-standby-app"]
+
+
+def test_changing_a_timing_profile_changes_only_keepalived_and_failover_steps():
+    before = _step_triggers(run_stack(base_config()))
+    after = _step_triggers(run_stack(base_config(failoverProfile="tutorial")))
+    changed = sorted(name for name in before if before[name] != after[name])
+    assert changed == ["minitwit-test-primary-failover", "minitwit-test-primary-keepalived", "minitwit-test-ready",
+                       "minitwit-test-standby-failover", "minitwit-test-standby-keepalived"]
+
+
+def test_app_steps_run_standby_first():
+    """Never restart the app on both nodes at once: primary's app step waits for standby's."""
+    deps = {}
+
+    def record(args: pulumi.ResourceTransformationArgs):
+        deps[args.name] = [getattr(d, "_name", None) for d in (args.opts.depends_on or [])]
+        return None
+
+    run_stack_with_transformation(record)
+    primary_deps = deps["minitwit-test-primary-app"]
+    assert "minitwit-test-standby-app" in primary_deps
+    assert "minitwit-test-primary-app" not in deps["minitwit-test-standby-app"]
+
+
+def run_stack_with_transformation(fn):
+    from infra.offline import DoMocks, run_offline
+    from infra.program import run as program_run
+    from infra.settings import DictSource
+    from tests.conftest import ROOT, SECRET_KEYS
+
+    cfg = base_config()
+    source = DictSource(cfg, frozenset(k for k in SECRET_KEYS if k in cfg))
+
+    def program():
+        pulumi.runtime.register_stack_transformation(fn)
+        return program_run(source, stack="test", project_dir=ROOT)
+
+    return run_offline(program, DoMocks())
+
+
+def test_protect_flag_reaches_vpc_and_reserved_ip():
+    protected = {}
+
+    def record(args: pulumi.ResourceTransformationArgs):
+        protected[args.name] = bool(args.opts.protect)
+        return None
+
+    from infra.offline import DoMocks, run_offline
+    from infra.program import run as program_run
+    from infra.settings import DictSource
+    from tests.conftest import ROOT, SECRET_KEYS
+
+    for flag in (True, False):
+        protected.clear()
+        cfg = base_config(protect=flag)
+        source = DictSource(cfg, frozenset(k for k in SECRET_KEYS if k in cfg))
+
+        def program(source=source):
+            pulumi.runtime.register_stack_transformation(record)
+            return program_run(source, stack="test", project_dir=ROOT)
+
+        run_offline(program, DoMocks())
+        assert protected["minitwit-test-vpc"] is flag
+        assert protected["minitwit-test-reserved-ip"] is flag
+        assert protected["minitwit-test-primary"] is False  # droplets stay replaceable
+
+
+def test_bad_config_declares_nothing():
+    from infra.offline import DoMocks
+    from infra.settings import SettingsError
+
+    mocks = DoMocks()
+    with pytest.raises(SettingsError) as err:
+        run_stack(base_config(vpcIpRange="8.8.8.0/24", adminCidrs=[]), mocks=mocks)
+    assert "vpcIpRange" in str(err.value) and "adminCidrs" in str(err.value)
+    assert mocks.resources == []

@@ -1,0 +1,163 @@
+"""Settings: every bad input is refused with a message naming the key and what would be valid."""
+
+from __future__ import annotations
+
+import pytest
+
+from infra.schema import load_schema
+from infra.settings import DictSource, Secret, SettingsError, load_settings
+from tests.conftest import ROOT, SECRET_KEYS, SENTINEL_PRIVATE_KEY, SENTINEL_TOKEN, base_config
+
+
+def load(cfg: dict, secret_keys=SECRET_KEYS, stack: str = "test"):
+    return load_settings(DictSource(cfg, frozenset(k for k in secret_keys if k in cfg)), stack=stack,
+                         project_dir=ROOT)
+
+
+def problems_for(cfg: dict, secret_keys=SECRET_KEYS) -> str:
+    with pytest.raises(SettingsError) as err:
+        load(cfg, secret_keys)
+    return str(err.value)
+
+
+def test_valid_config_loads_with_schema_defaults():
+    s = load(base_config())
+    assert s.region == "fra1" and s.droplet_image == "debian-12-x64" and s.droplet_size == "s-1vcpu-2gb"
+    assert s.admin_cidrs == ("198.51.100.0/24",)
+    assert s.reserved_ip is None and s.protect is False and s.failover_profile == "fast"
+    assert s.compose.services == ("minitwit",)
+    assert s.http_ports == (80, 443) and s.health_path == "/latest"
+    assert s.vrrp_router_id == 51
+
+
+def test_secrets_are_wrapped_and_never_print():
+    s = load(base_config())
+    assert isinstance(s.failover_token, Secret) and s.failover_token.reveal() == SENTINEL_TOKEN
+    assert SENTINEL_TOKEN not in repr(s) and SENTINEL_TOKEN not in str(s)
+    assert "SENTINEL-PRIVATE-KEY" not in repr(s)
+
+
+# (config overrides, the key the message must name, a fragment of the advice)
+BAD_INPUTS = [
+    ({"region": "frankfurt"}, "minitwit-ha:region", "use one of"),
+    ({"region": "xyz9"}, "minitwit-ha:region", "fra1"),
+    ({"vpcIpRange": "10.110.16.0/33"}, "minitwit-ha:vpcIpRange", "not a valid network"),
+    ({"vpcIpRange": "10.110.16.5/24"}, "minitwit-ha:vpcIpRange", "did you mean 10.110.16.0/24"),
+    ({"vpcIpRange": "8.8.8.0/24"}, "minitwit-ha:vpcIpRange", "not a private range"),
+    ({"vpcIpRange": "10.0.0.0/8"}, "minitwit-ha:vpcIpRange", "/16 to /28"),
+    ({"vpcIpRange": "10.244.0.0/24"}, "minitwit-ha:vpcIpRange", "reserved by DigitalOcean"),
+    ({"vpcIpRange": "172.17.5.0/24"}, "minitwit-ha:vpcIpRange", "Docker"),
+    ({"adminCidrs": []}, "minitwit-ha:adminCidrs", "at least one CIDR"),
+    ({"adminCidrs": None}, "minitwit-ha:adminCidrs", "is required"),
+    ({"adminCidrs": ["not-a-cidr"]}, "minitwit-ha:adminCidrs[0]", "not a valid CIDR"),
+    ({"adminCidrs": ["198.51.100.7/24"]}, "minitwit-ha:adminCidrs[0]", "did you mean 198.51.100.0/24"),
+    ({"adminCidrs": ["0.0.0.0/0"]}, "minitwit-ha:adminCidrs[0]", "whole internet"),
+    ({"adminCidrs": "198.51.100.0/24"}, "minitwit-ha:adminCidrs", "list of strings"),
+    ({"reservedIp": "203.0.113"}, "minitwit-ha:reservedIp", "not an IPv4 address"),
+    ({"reservedIp": "10.1.2.3"}, "minitwit-ha:reservedIp", "not a public address"),
+    ({"reservedIp": "2001:db8::1"}, "minitwit-ha:reservedIp", "IPv6"),
+    ({"composeFile": "deploy/missing.yaml"}, "minitwit-ha:composeFile", "does not exist"),
+    ({"dropletSize": "huge"}, "minitwit-ha:dropletSize", "s-1vcpu-2gb"),
+    ({"dropletImage": "centos-7-x64"}, "minitwit-ha:dropletImage", "debian-12-x64"),
+    ({"dropletImage": "debian-11-x64"}, "minitwit-ha:dropletImage", "keepalived 2.2.x"),
+    ({"privateInterface": "lo"}, "minitwit-ha:privateInterface", "eth1"),
+    ({"sshPublicKey": "", "sshKeyFingerprints": []}, "minitwit-ha:sshPublicKey", "neither sshPublicKey"),
+    ({"sshPublicKey": "AAAA-not-a-key"}, "minitwit-ha:sshPublicKey", "not an OpenSSH public key"),
+    ({"sshKeyFingerprints": ["SHA256:abc"]}, "minitwit-ha:sshKeyFingerprints[0]", "MD5 fingerprint"),
+    ({"sshPrivateKey": None}, "minitwit-ha:sshPrivateKey", "pulumi config set --secret sshPrivateKey"),
+    ({"sshPrivateKey": "ssh-ed25519 AAAA x"}, "minitwit-ha:sshPrivateKey", "holds a public key"),
+    ({"sshPrivateKey": "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n-----END RSA PRIVATE KEY-----"},
+     "minitwit-ha:sshPrivateKey", "passphrase"),
+    ({"failoverToken": None}, "minitwit-ha:failoverToken", "is required and secret"),
+    ({"failoverToken": "not-a-token"}, "minitwit-ha:failoverToken", "reserved_ip:update"),
+    ({"healthUrl": "ftp://127.0.0.1/x"}, "minitwit-ha:healthUrl", "http(s) URL"),
+    ({"healthUrl": "http://203.0.113.10/latest"}, "minitwit-ha:healthUrl", "not loopback"),
+    ({"appPort": "eighty"}, "minitwit-ha:appPort", "not an integer"),
+    ({"appPort": 70000}, "minitwit-ha:appPort", "1 to 65535"),
+    ({"appPort": 22}, "minitwit-ha:appPort", "SSH"),
+    ({"registryUsername": "ci"}, "minitwit-ha:registryPassword", "go together"),
+    ({"registryServer": "https://ghcr.io"}, "minitwit-ha:registryServer", "registry host"),
+    ({"protect": "yes"}, "minitwit-ha:protect", "true or false"),
+    ({"failoverProfile": "turbo"}, "minitwit-ha:failoverProfile", "fast, tutorial"),
+    ({"vrrpRouterId": 0}, "minitwit-ha:vrrpRouterId", "1 to 255"),
+    ({"database": "sqlite"}, "minitwit-ha:database", "managed, external or none"),
+    ({"database": "external"}, "minitwit-ha:databaseUri", "required with database=external"),
+    ({"databaseNodeCount": 5}, "minitwit-ha:databaseNodeCount", "1 to 3"),
+    ({"regoin": "fra1"}, "minitwit-ha:regoin", "did you mean region"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,advice", BAD_INPUTS, ids=[f"{b[1]}:{b[2]}" for b in BAD_INPUTS])
+def test_bad_input_is_refused_naming_key_and_fix(overrides, key, advice):
+    cfg = base_config()
+    for k, v in overrides.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    message = problems_for(cfg)
+    line = next((ln for ln in message.splitlines() if ln.strip().startswith(f"- {key}:")), None)
+    assert line is not None, f"no line for {key} in:\n{message}"
+    assert advice in line, line
+    assert SENTINEL_TOKEN not in message and "SENTINEL-PRIVATE-KEY" not in message
+
+
+def test_at_least_fifteen_distinct_keys_are_checked():
+    assert len({b[1] for b in BAD_INPUTS}) >= 15
+
+
+def test_compose_file_without_services_or_images(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("version: '3'\n")
+    assert "has no services" in problems_for(base_config(composeFile=str(empty)))
+    built = tmp_path / "build.yaml"
+    built.write_text("services:\n  web:\n    build: .\n")
+    assert "service 'web'" in problems_for(base_config(composeFile=str(built)))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("services: [unclosed\n")
+    assert "not valid YAML" in problems_for(base_config(composeFile=str(broken)))
+
+
+def test_plaintext_secret_is_refused_without_echoing_it():
+    message = problems_for(base_config(), secret_keys=frozenset({"sshPrivateKey"}))
+    assert "minitwit-ha:failoverToken: was set in plaintext" in message
+    assert SENTINEL_TOKEN not in message
+
+
+def test_all_problems_are_reported_at_once():
+    message = problems_for(base_config(region="mars1", vpcIpRange="8.8.8.0/24", adminCidrs=[]))
+    assert message.startswith("3 configuration problem(s) in stack 'test'; nothing was created")
+    for key in ("region", "vpcIpRange", "adminCidrs"):
+        assert f"minitwit-ha:{key}:" in message
+
+
+def test_fingerprints_alone_are_enough():
+    s = load(base_config(sshPublicKey="", sshKeyFingerprints=["3B:16:BF:E4:8B:00:8B:B8:59:8C:A9:D3:F0:19:45:FA"]))
+    assert s.ssh_public_key is None
+    assert s.ssh_key_fingerprints == ("3b:16:bf:e4:8b:00:8b:b8:59:8c:a9:d3:f0:19:45:fa",)
+
+
+def test_registry_needs_all_three_and_keeps_password_secret():
+    s = load(base_config(registryServer="registry.digitalocean.com", registryUsername="ci",
+                         registryPassword="pw-123"))
+    assert s.registry is not None and s.registry.password.reveal() == "pw-123"
+    assert "pw-123" not in repr(s)
+
+
+def test_schema_uses_only_what_pulumi_accepts_and_every_key_is_read():
+    schema = load_schema(ROOT / "Pulumi.yaml")
+    assert set(schema) >= {"region", "vpcIpRange", "dropletSize", "dropletImage", "sshPublicKey",
+                           "sshKeyFingerprints", "sshPrivateKey", "adminCidrs", "reservedIp", "composeFile",
+                           "healthUrl", "registryUsername", "registryPassword", "failoverToken", "protect"}
+    for key in schema.values():
+        assert key.description, f"{key.name} has no description"
+    assert schema["sshPrivateKey"].secret and schema["failoverToken"].secret
+    # Required secrets have no default (Pulumi refuses a plaintext default on a secret key).
+    assert schema["sshPrivateKey"].default is None and schema["failoverToken"].default is None
+    # Every key with a default loads when unset; a wrong type in a default would fail here.
+    load(base_config())
+
+
+def test_private_key_keeps_its_final_newline():
+    key = load(base_config(sshPrivateKey=SENTINEL_PRIVATE_KEY.strip())).ssh_private_key.reveal()
+    assert key == SENTINEL_PRIVATE_KEY  # the final newline restored
