@@ -80,6 +80,10 @@ class NodePaths:
         return self._p("/run/minitwit-ha")
 
     @property
+    def keepalived_pidfile(self) -> str:
+        return self._p("/run/keepalived.pid")  # Debian's and Ubuntu's default
+
+    @property
     def track_dir(self) -> str:
         return self._p("/run/minitwit-ha-health")
 
@@ -281,6 +285,7 @@ def render_failover_env(facts: NodeFacts) -> str:
         "STATE_DIR": paths.state_dir,
         "LOG_DIR": paths.lib_dir,
         "LOG_FILE": facts.log_file,
+        "KEEPALIVED_PIDFILE": paths.keepalived_pidfile,
         "HTTP_TIMEOUT_S": "3",
         "ASSIGN_DEADLINE_S": "60",
         "RETRY_MODE": p.retry_mode,
@@ -304,6 +309,7 @@ def render_health_env(facts: NodeFacts) -> str:
         "WATCH_TIMEOUT_S": "0.5",
         "WATCH_FALL": str(p.watch_fall),
         "WATCH_RISE": str(p.watch_rise),
+        "WATCH_REFRESH_S": "2",
         "COMPOSE_FILE": paths.compose_file if facts.with_compose else "",
         "COMPOSE_PROJECT": facts.compose_project,
         "MAINTENANCE_FLAG": paths.maintenance_flag,

@@ -8,6 +8,7 @@ nodes apart.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,20 +54,25 @@ class DoMocks(pulumi.runtime.Mocks):
     resources: list[Recorded] = field(default_factory=list)
     calls: list[tuple[str, dict]] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self._droplets = 0
+    def _droplet_index(self, name: str) -> int:
+        for i, role in enumerate(("primary", "standby"), start=1):
+            if name.endswith(role):
+                return i
+        return 3 + int(hashlib.sha256(name.encode()).hexdigest(), 16) % 50
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         self.resources.append(Recorded(args.typ, args.name, dict(args.inputs), args.resource_id or None))
         outputs = dict(args.inputs)
         rid = f"{args.name}-id"
         if args.typ == "digitalocean:index/droplet:Droplet":
-            self._droplets += 1
+            # Values follow from the name, not from registration order (which asyncio does not fix),
+            # so a plan or a golden file is the same on every run.
+            n = self._droplet_index(args.name)
             hosts = list(ipaddress.ip_network(self.vpc_range).hosts())
-            rid = str(400000000 + self._droplets)
+            rid = str(400000000 + n)
             outputs.update(
-                ipv4AddressPrivate=str(hosts[1 + self._droplets]),
-                ipv4Address=f"192.0.2.{20 + self._droplets}",
+                ipv4AddressPrivate=str(hosts[1 + n]),
+                ipv4Address=f"192.0.2.{20 + n}",
                 status="active",
                 urn=f"do:droplet:{rid}",
             )

@@ -10,6 +10,7 @@ requires a SCRAM password for TCP connections and is stopped and deleted by `sto
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -113,7 +114,7 @@ class PgServer:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
-    def start(self) -> "PgServer":
+    def start(self) -> PgServer:
         why = missing_requirements()
         if why:
             raise PgUnavailable(why)
@@ -176,17 +177,15 @@ class PgServer:
         if self.root is None:
             return
         if self._started:
-            try:
+            with contextlib.suppress(subprocess.CalledProcessError):
                 self._as_postgres([str(pg_bindir() / "pg_ctl"), "-D", str(self.datadir), "-m",
                                    "immediate", "-w", "-t", "20", "stop"])
-            except subprocess.CalledProcessError:
-                pass
             self._started = False
         if self._owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
 
-    def __enter__(self) -> "PgServer":
+    def __enter__(self) -> PgServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,142 @@
+"""Rendered node files: golden files per role, and the real tools' checks (keepalived -t, nft -c).
+
+Golden files live in tests/golden/<role>/; after an intended change, regenerate them with
+`UPDATE_GOLDEN=1 .venv/bin/pytest tests/unit/test_render.py` and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from infra.node import NodeFacts, render_keepalived_conf, render_nftables
+from infra.profiles import PROFILES
+from infra.steps import KEEPALIVED_T_OK
+from tests.conftest import ROOT, base_config, run_stack
+from tests.stack.test_stack import archive_files
+from tests.support.needs import missing_binaries, need, not_root
+
+GOLDEN = ROOT / "tests" / "golden"
+FILES = {
+    "keepalived.conf": ("keepalived", "/etc/keepalived/keepalived.conf.new"),
+    "nftables.conf": ("firewall", "/etc/nftables.conf"),
+    "failover.env": ("failover", "/etc/minitwit-ha/failover.env"),
+    "health.env": ("failover", "/etc/minitwit-ha/health.env"),
+}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, dict[str, str]]:
+    run = run_stack(base_config())
+    out: dict[str, dict[str, str]] = {}
+    for role in ("primary", "standby"):
+        out[role] = {}
+        for name, (step, path) in FILES.items():
+            out[role][name] = archive_files(run, f"minitwit-test-{role}-{step}")[path][1]
+    return out
+
+
+@pytest.mark.parametrize("role", ["primary", "standby"])
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_matches_golden_file(rendered, role, name):
+    path = GOLDEN / role / name
+    text = rendered[role][name]
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1 and review it"
+    assert text == path.read_text(), f"{role}/{name} differs from its golden file"
+
+
+def test_roles_differ_only_where_they_should(rendered):
+    p, s = rendered["primary"]["keepalived.conf"], rendered["standby"]["keepalived.conf"]
+    diff = {ln for ln in p.splitlines() if ln not in s.splitlines()}
+    assert all(any(k in ln for k in ("router_id", "priority", "unicast_src_ip", "droplet", "10.110.16."))
+               for ln in diff), diff
+
+
+def _netns_with_iface(iface: str) -> str:
+    ns = f"mtha-kt-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "-n", ns, "link", "add", iface, "type", "veth", "peer", "name", "ktpeer0"], check=True)
+    subprocess.run(["ip", "-n", ns, "link", "set", iface, "up"], check=True)
+    return ns
+
+
+def keepalived_check(conf: str, tmp_path: Path, iface: str = "eth1") -> tuple[int, str]:
+    """Run `keepalived -t` on `conf` inside a namespace that has the VPC interface, like a droplet."""
+    path = tmp_path / "keepalived.conf"
+    path.write_text(conf)
+    ns = _netns_with_iface(iface)
+    try:
+        proc = subprocess.run(["ip", "netns", "exec", ns, "keepalived", "-t", "-f", str(path)],
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    # A shell reports "killed by SIGTERM" as 143; Python as -15. Use the shell's convention.
+    rc = 128 - proc.returncode if proc.returncode < 0 else proc.returncode
+    return rc, (proc.stdout + proc.stderr).strip()
+
+
+def _need_keepalived():
+    need(not_root() or missing_binaries("keepalived", "ip"))
+    try:
+        pwd.getpwnam("keepalived_script")
+    except KeyError:
+        need("needs the system user keepalived_script, which the droplets have (`make setup-lab` creates it)")
+
+
+@pytest.mark.parametrize("role", ["primary", "standby"])
+def test_rendered_keepalived_conf_passes_keepalived_t(rendered, role, tmp_path):
+    _need_keepalived()
+    rc, out = keepalived_check(rendered[role]["keepalived.conf"], tmp_path)
+    assert rc in KEEPALIVED_T_OK and out == "", f"keepalived -t exit {rc}: {out}"
+
+
+def test_keepalived_t_check_catches_a_broken_file(rendered, tmp_path):
+    """The acceptance rule (exit 0/143 and no output) must reject real mistakes."""
+    _need_keepalived()
+    bad = rendered["primary"]["keepalived.conf"].replace("nopreempt", "nopreemt")
+    rc, out = keepalived_check(bad, tmp_path)
+    assert "Unknown keyword 'nopreemt'" in out
+
+
+def test_tutorial_profile_also_passes(tmp_path):
+    _need_keepalived()
+    facts = NodeFacts(name="primary", droplet_id=1, private_ip="198.51.100.11", peer_private_ip="198.51.100.12",
+                      reserved_ip="203.0.113.10", priority=150, router_id=51, private_interface="eth1",
+                      admin_cidrs=("192.0.2.192/26",), http_ports=(80, 443), health_url="http://127.0.0.1/latest",
+                      profile=PROFILES["tutorial"])
+    rc, out = keepalived_check(render_keepalived_conf(facts), tmp_path)
+    assert rc in KEEPALIVED_T_OK and out == "", out
+
+
+@pytest.mark.parametrize("role", ["primary", "standby"])
+def test_rendered_ruleset_passes_nft_check(rendered, role, tmp_path):
+    need(not_root() or missing_binaries("nft"))
+    path = tmp_path / "nftables.conf"
+    path.write_text(rendered[role]["nftables.conf"])
+    proc = subprocess.run(["nft", "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_nft_check_catches_a_broken_ruleset(rendered, tmp_path):
+    need(not_root() or missing_binaries("nft"))
+    path = tmp_path / "nftables.conf"
+    path.write_text(rendered["primary"]["nftables.conf"].replace("policy drop;", "policy dorp;"))
+    assert subprocess.run(["nft", "-c", "-f", str(path)], capture_output=True).returncode != 0
+
+
+def test_ipv6_admin_cidrs_get_their_own_set():
+    facts = NodeFacts(name="primary", droplet_id=1, private_ip="10.0.0.2", peer_private_ip="10.0.0.3",
+                      reserved_ip="203.0.113.10", priority=150, router_id=51, private_interface="eth1",
+                      admin_cidrs=("198.51.100.0/24", "2001:db8::/32"), http_ports=(80, 443, 8080),
+                      health_url="http://127.0.0.1/latest")
+    rules = render_nftables(facts)
+    assert "tcp dport 22 ip6 saddr @admin_v6 accept" in rules and "2001:db8::/32" in rules
+    assert "tcp dport { 80, 443, 8080 } accept" in rules
