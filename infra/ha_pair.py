@@ -24,6 +24,7 @@ from pulumi import Output, ResourceOptions
 
 from infra import steps
 from infra.cloudinit import render_cloud_init
+from infra.database import SharedDatabase
 from infra.node import (
     REPO_ROOT,
     STEP_APP,
@@ -49,8 +50,6 @@ DEPLOY_USER = "deploy"
 @dataclass(frozen=True)
 class HaPairArgs:
     settings: Settings
-    # The app's environment file (DATABASE_URL, ...) per node, secret; None: an empty one.
-    app_env: Output[str] | None = None
     repo_root: Path = REPO_ROOT
 
 
@@ -116,6 +115,10 @@ class HaPair(pulumi.ComponentResource):
                 opts=ResourceOptions(parent=self, protect=s.protect, ignore_changes=["dropletId"]),
             )
 
+        # The shared database (or the warning that there is none); its URI reaches the nodes as a
+        # secret app.env.
+        self.database = SharedDatabase(name, s, self.vpc, [self.droplets[n] for n in NODES], self)
+
         self.node_chains: dict[str, NodeChain] = {}
         app_after: list[pulumi.Resource] = []
         for node in ("standby", "primary"):  # app step: standby first, then primary
@@ -123,7 +126,7 @@ class HaPair(pulumi.ComponentResource):
             chain = NodeChain(
                 name=f"{name}-{node}", node=node, settings=s, droplet=self.droplets[node],
                 peer=self.droplets[peer], reserved_ip=self.reserved_ip.ip_address,
-                app_env=args.app_env, repo_root=args.repo_root, app_after=list(app_after), parent=self,
+                app_env=self.database.app_env, repo_root=args.repo_root, app_after=list(app_after), parent=self,
             )
             self.node_chains[node] = chain
             app_after.append(chain.app)
@@ -155,6 +158,7 @@ class HaPair(pulumi.ComponentResource):
             "app_url": self.app_url,
             "vpc_id": self.vpc.id,
             "nodes": self.nodes,
+            "database_host": self.database.host,
         })
 
 
@@ -162,7 +166,7 @@ class NodeChain:
     """One node's remote commands: wait -> bootstrap -> token/failover/firewall -> keepalived, and the app."""
 
     def __init__(self, *, name: str, node: str, settings: Settings, droplet: do.Droplet, peer: do.Droplet,
-                 reserved_ip: Output[str], app_env: Output[str] | None, repo_root: Path,
+                 reserved_ip: Output[str], app_env: Output[str], repo_root: Path,
                  app_after: list[pulumi.Resource], parent: pulumi.Resource) -> None:
         s = settings
         paths = NodePaths()
@@ -250,7 +254,7 @@ class NodeChain:
                 opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap]),
             )
             app_deps.append(self.registry)
-        env_content = app_env if app_env is not None else Output.secret("# no app settings\n")
+        env_content = app_env
         self.app_env = command.remote.Command(
             f"{name}-app-env", connection=steady_conn, create=steps.secret_file_command(paths.app_env),
             stdin=Output.secret(env_content),

@@ -25,6 +25,7 @@ def build(settings: Settings, project_dir: Path = PROJECT_DIR) -> dict[str, Any]
         "app_url": pair.app_url,
         "vpc_id": pair.vpc.id,
         "nodes": pair.nodes,
+        "database_host": pair.database.host,
     }
 
 

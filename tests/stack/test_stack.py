@@ -113,7 +113,7 @@ def test_no_resource_can_move_the_reserved_ip(stack_run):
 
 def test_outputs_have_the_contract_names_and_shapes(stack_run):
     out = {k: v.value for k, v in stack_run.outputs.items()}
-    assert set(out) == {"reserved_ip", "app_url", "vpc_id", "nodes"}
+    assert set(out) == {"reserved_ip", "app_url", "vpc_id", "nodes", "database_host"}
     assert out["app_url"] == "http://203.0.113.10/"
     assert set(out["nodes"]) == set(NODES)
     ids = set()
@@ -277,7 +277,7 @@ def test_protect_flag_reaches_vpc_and_reserved_ip():
 
     for flag in (True, False):
         protected.clear()
-        cfg = base_config(protect=flag)
+        cfg = base_config(protect=flag, database="managed")
         source = DictSource(cfg, frozenset(k for k in SECRET_KEYS if k in cfg))
 
         def program(source=source):
@@ -287,6 +287,7 @@ def test_protect_flag_reaches_vpc_and_reserved_ip():
         run_offline(program, DoMocks())
         assert protected["minitwit-test-vpc"] is flag
         assert protected["minitwit-test-reserved-ip"] is flag
+        assert protected["minitwit-test-db"] is flag and protected["minitwit-test-db-minitwit"] is flag
         assert protected["minitwit-test-primary"] is False  # droplets stay replaceable
 
 

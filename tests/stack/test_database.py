@@ -1,0 +1,87 @@
+"""The `database` setting under mocks: one shared PostgreSQL, its firewall, and where the URI goes."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from infra.database import NONE_WARNING
+from infra.offline import DoMocks, unwrap
+from tests.conftest import SENTINEL_DB_URI, base_config, run_stack
+
+CLUSTER = "digitalocean:index/databaseCluster:DatabaseCluster"
+FIREWALL = "digitalocean:index/databaseFirewall:DatabaseFirewall"
+DB = "digitalocean:index/databaseDb:DatabaseDb"
+USER = "digitalocean:index/databaseUser:DatabaseUser"
+MOCK_USER_PASSWORD = "mock-user-password"  # what DoMocks gives a DatabaseUser
+
+
+def test_managed_declares_cluster_database_user_and_firewall_in_the_vpc():
+    run = run_stack(base_config(database="managed", databaseNodeCount=2, protect=True))
+    clusters = run.mocks.of_type(CLUSTER)
+    assert len(clusters) == 1
+    c = clusters[0]
+    assert c.plain("engine") == "pg" and c.plain("version") == "16" and c.plain("nodeCount") == 2
+    assert c.plain("region") == "fra1"
+    assert c.plain("privateNetworkUuid") == "c0ffee00-0000-4000-8000-000000000001"  # the pair's VPC
+    assert [r.plain("name") for r in run.mocks.of_type(DB)] == ["minitwit"]
+    assert [r.plain("name") for r in run.mocks.of_type(USER)] == ["minitwit"]
+    assert run.outputs["database_host"].value == "private-db.example.invalid"
+
+
+def test_database_firewall_trusts_exactly_the_two_droplets():
+    run = run_stack(base_config(database="managed"))
+    fw = run.mocks.of_type(FIREWALL)
+    assert len(fw) == 1
+    rules = fw[0].plain("rules")
+    droplet_ids = {str(n["droplet_id"]) for n in run.outputs["nodes"].value.values()}
+    assert {r["type"] for r in rules} == {"droplet"}
+    assert {r["value"] for r in rules} == droplet_ids and len(rules) == 2
+
+
+def test_managed_uri_is_secret_everywhere_and_reaches_each_node_as_0600_env():
+    run = run_stack(base_config(database="managed"))
+    envs = [r for r in run.commands() if r.name.endswith("-app-env")]
+    assert len(envs) == 2
+    for r in envs:
+        assert r.is_secret("stdin")
+        text = unwrap(r.inputs["stdin"])
+        assert "DATABASE_URL=postgresql://minitwit:mock-user-password@private-db.example.invalid:25060/minitwit" \
+               "?sslmode=require" in text
+        assert "install -m 0600 -o root -g root /dev/stdin /srv/minitwit/app.env" in r.plain("create")
+    for r in run.commands():
+        for key in ("create", "update", "delete", "environment", "triggers"):
+            assert MOCK_USER_PASSWORD not in repr(r.plain(key) if key != "triggers" else r.inputs.get(key, ""))
+    for key, out in run.outputs.items():
+        assert out.secret or MOCK_USER_PASSWORD not in repr(out.value), key
+
+
+def test_external_uri_is_secret_and_only_its_host_is_an_output():
+    run = run_stack(base_config(database="external", databaseUri=SENTINEL_DB_URI))
+    assert not run.mocks.of_type(CLUSTER)
+    assert run.outputs["database_host"].value == "db.internal.example"
+    assert not run.outputs["database_host"].secret
+    for r in run.commands():
+        if r.name.endswith("-app-env"):
+            assert r.is_secret("stdin") and SENTINEL_DB_URI in unwrap(r.inputs["stdin"])
+        for key in ("create", "update", "delete", "environment"):
+            assert "SENTINEL-db-password" not in repr(r.plain(key))
+    for out in run.outputs.values():
+        assert "SENTINEL-db-password" not in repr(out.value)
+
+
+def test_none_declares_no_cluster_and_warns(caplog):
+    with caplog.at_level(logging.WARNING):
+        run = run_stack(base_config(database="none"))
+    assert not run.mocks.of_type(CLUSTER) and not run.mocks.of_type(FIREWALL)
+    assert NONE_WARNING in caplog.text
+    assert run.outputs["database_host"].value == ""
+
+
+@pytest.mark.parametrize("mode", ["managed", "external"])
+def test_shared_modes_do_not_warn(caplog, mode):
+    cfg = base_config(database=mode, databaseUri=SENTINEL_DB_URI if mode == "external" else None)
+    with caplog.at_level(logging.WARNING):
+        run_stack(cfg, mocks=DoMocks())
+    assert NONE_WARNING not in caplog.text
