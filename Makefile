@@ -1,0 +1,65 @@
+# minitwit-ha — the README's commands. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PYTEST  := $(VENV)/bin/pytest
+RUFF    := $(VENV)/bin/ruff
+STACK   ?= prod
+PROFILE ?= fast
+RUNS    ?= 3
+# Debian packages the lab and the tests use (installed by `make setup-lab` when run as root).
+LAB_PACKAGES := keepalived nftables iproute2 postgresql shellcheck openssh-server openssh-client pgloader sqlite3 curl
+SHELL_SCRIPTS := $(wildcard scripts/mt-health scripts/mt-deploy scripts/*.sh .ci/run tests/lab/bin/*)
+
+.PHONY: help setup setup-lab lint test test-fast plan demo drill lab-down clean
+
+help:  ## list the commands
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed  ## create .venv with the pinned Python packages (pulumi up uses it too)
+
+setup-lab:  ## as root: install the lab's Debian packages and the keepalived_script user if missing
+	@if [ "$$(id -u)" != 0 ]; then \
+	  echo "setup-lab: not root; lab tests will skip (they need root, network namespaces and: $(LAB_PACKAGES))"; \
+	else \
+	  missing=$$(for p in $(LAB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    echo "setup-lab: installing $$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  fi; \
+	  id -u keepalived_script >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent \
+	    --shell /usr/sbin/nologin keepalived_script; \
+	fi
+
+lint: setup  ## ruff and shellcheck
+	$(RUFF) check .
+	shellcheck $(SHELL_SCRIPTS)
+
+test: setup setup-lab lint  ## everything: lint, unit, stack (mocks), database, lab and drill scenarios
+	$(PYTEST) -q
+
+test-fast: setup  ## the quick loop: no lab, no slow scenarios
+	$(PYTEST) -q -m "not lab and not slow"
+
+plan: setup  ## offline plan of STACK (default prod) under mocks: plan/$(STACK).txt, no credentials needed
+	$(PY) scripts/plan.py --stack $(STACK) --out plan/$(STACK).txt
+
+demo: setup setup-lab  ## the pair failing over in the lab on this machine (root; no cloud account)
+	$(PY) -m tests.lab demo
+
+drill: setup setup-lab  ## failover drill (PROFILE=fast|tutorial, RUNS=3): drill-report.json and a table
+	$(PY) -m tests.lab drill --profile $(PROFILE) --runs $(RUNS) --report drill-report.json
+
+lab-down:  ## tear the lab down if a run was interrupted
+	$(PY) -m tests.lab down
+
+clean:  ## remove caches and reports (keeps .venv)
+	rm -rf .pytest_cache .ruff_cache plan drill-report*.json
+	find . -name __pycache__ -prune -exec rm -rf {} +

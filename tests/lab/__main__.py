@@ -1,0 +1,73 @@
+"""python -m tests.lab up|status|fault NODE KIND|heal NODE KIND|drill|demo|down
+
+The lab: the stack's two nodes, the database, the internet and a fake DigitalOcean API in
+network namespaces on this machine (root). See tests/lab/lab.py for the topology.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tests.lab.lab import NODES, Lab, LabError
+
+FAULT_KINDS = ("app", "keepalived", "link", "vpc", "api")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.lab", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="build the lab and wait until one node is MASTER and serving")
+    up.add_argument("--profile", default="fast", help="timing profile: fast (default) or tutorial")
+    sub.add_parser("status", help="JSON: each node's VRRP state and app version, the reserved IP's holder")
+    for name in ("fault", "heal"):
+        p = sub.add_parser(name, help=f"{name} a fault: {', '.join(FAULT_KINDS)}")
+        p.add_argument("node", choices=NODES)
+        p.add_argument("kind", choices=FAULT_KINDS)
+        if name == "fault":
+            p.add_argument("--count", type=int, default=3, help="api: how many assigns fail (500, 429, 422, ...)")
+    drill = sub.add_parser("drill", help="run the failover drill; write the report and print a table")
+    drill.add_argument("--profile", default="fast")
+    drill.add_argument("--runs", type=int, default=3, help="runs per scenario (failover_s is their median)")
+    drill.add_argument("--report", default="drill-report.json")
+    drill.add_argument("--scenarios", help="comma-separated subset of scenario names")
+    drill.add_argument("--steady-s", type=float, default=300.0, help="length of the no-spurious-failover run")
+    demo = sub.add_parser("demo", help="up, a short drill with the report, down (the newcomer's first command)")
+    demo.add_argument("--profile", default="fast")
+    sub.add_parser("down", help="tear the lab down (also after an interrupted run)")
+    args = ap.parse_args(argv)
+
+    lab = Lab()
+    try:
+        if args.cmd == "up":
+            lab.up(profile=args.profile)
+            print(json.dumps(lab.status(), indent=2))
+        elif args.cmd == "status":
+            if not lab.is_up:
+                print(json.dumps({"up": False}))
+                return 1
+            print(json.dumps(lab.status(), indent=2))
+        elif args.cmd == "fault":
+            lab.fault(args.node, args.kind, count=args.count)
+        elif args.cmd == "heal":
+            lab.heal(args.node, args.kind)
+        elif args.cmd == "down":
+            for note in lab.down():
+                print(note, file=sys.stderr)
+        elif args.cmd in ("drill", "demo"):
+            from tests.lab.drill import main_demo, main_drill
+
+            if args.cmd == "drill":
+                return main_drill(profile=args.profile, runs=args.runs, report=args.report,
+                                  only=args.scenarios.split(",") if args.scenarios else None,
+                                  steady_s=args.steady_s)
+            return main_demo(profile=args.profile)
+    except LabError as exc:
+        print(f"lab: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

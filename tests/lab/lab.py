@@ -1,0 +1,550 @@
+"""The lab: the stack's hosts on one machine, in Linux network namespaces.
+
+    client  (the internet: traffic generator, the fake DigitalOcean API, the reserved IP's edge)
+       |  br-inet 192.0.2.0/24 (in the switch namespace)
+    primary ---- standby        each: keepalived, mt-healthwatch, mt-failover reconcile,
+       |  br-vpc 198.51.100.0/24     the stand-in app, the node's nftables ruleset
+      db (PostgreSQL)
+
+Every address is from the documentation ranges; the reserved IP is 203.0.113.10. The nodes get
+their files from the same renderer as the stack (infra/node.py), with a path prefix, and run the
+same scripts. An assign at the fake API re-routes 203.0.113.10 in `client` to the chosen node's
+public address (a DNAT map), which is how DigitalOcean's edge behaves.
+
+State (PIDs, namespaces, paths) lives in $LAB_ROOT/state.json so `up`, `fault`, `status` and
+`down` can be separate commands; `down` ends only the processes the lab recorded, by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.node import NodeFacts, NodePaths, render_node_files
+from infra.profiles import PROFILES
+from tests.support.pg import PgServer, missing_requirements
+
+REPO = Path(__file__).resolve().parents[2]
+LAB_ROOT = Path(os.environ.get("LAB_ROOT", "/run/mtha-lab"))
+PREFIX = os.environ.get("LAB_PREFIX", "mtha")
+NODES = ("primary", "standby")
+RESERVED_IP = "203.0.113.10"
+API_ADDR, API_PORT = "192.0.2.2", 8080
+CLIENT_ADDR = "192.0.2.100"
+ADMIN_ADDR = "192.0.2.200"
+ADMIN_CIDR = "192.0.2.192/26"
+PUBLIC = {"primary": "192.0.2.11", "standby": "192.0.2.12"}
+PRIVATE = {"primary": "198.51.100.11", "standby": "198.51.100.12"}
+DB_ADDR, DB_PORT = "198.51.100.20", 5432
+ROGUE_ADDR = "198.51.100.66"
+DROPLET_ID = {"primary": 410000001, "standby": 410000002}
+PRIORITY = {"primary": 150, "standby": 100}
+ROUTER_ID = 51
+SCRIPT_USER = "nobody"  # exists on every Debian machine; droplets use keepalived_script
+HEALTH_URL = "http://127.0.0.1:80/latest"
+BINARIES = ("ip", "nft", "keepalived", "curl", "runuser", "setpriv")
+EDGE_TABLE = "mtha_edge"
+
+
+class LabError(RuntimeError):
+    """The lab cannot do what was asked; the message says why and what to do."""
+
+
+def ns(role: str) -> str:
+    return f"{PREFIX}-{role}"
+
+
+def missing() -> str | None:
+    """Why the lab cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "the lab needs root (network namespaces, nftables, keepalived)"
+    gone = [b for b in BINARIES if shutil.which(b) is None]
+    if gone:
+        return f"the lab needs {', '.join(gone)} (Debian: make setup-lab)"
+    return missing_requirements()
+
+
+def sh(*argv: str, check: bool = True, input: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, input=input, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def in_ns(role: str, *argv: str, **kw) -> subprocess.CompletedProcess:
+    return sh("ip", "netns", "exec", ns(role), *argv, **kw)
+
+
+def _starttime(pid: int) -> str | None:
+    """The process's start time (to tell it from a later process with the same PID); None when it
+    is gone or a zombie (exited, not yet reaped)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+@dataclass
+class Proc:
+    key: str
+    pid: int
+    starttime: str | None
+    log: str
+
+    def alive(self) -> bool:
+        return self.starttime is not None and _starttime(self.pid) == self.starttime
+
+
+def node_root(node: str) -> Path:
+    return LAB_ROOT / node
+
+
+def node_paths(node: str) -> NodePaths:
+    return NodePaths(root=str(node_root(node)))
+
+
+class Lab:
+    """A handle on the lab's state file; every method re-reads what it needs from there."""
+
+    def __init__(self) -> None:
+        self.state_file = LAB_ROOT / "state.json"
+        self.state: dict = {}
+        if self.state_file.exists():
+            self.state = json.loads(self.state_file.read_text())
+
+    # -- state ------------------------------------------------------------------------------
+    def _save(self) -> None:
+        LAB_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2, sort_keys=True))
+        tmp.replace(self.state_file)
+
+    @property
+    def is_up(self) -> bool:
+        return bool(self.state.get("up"))
+
+    def procs(self) -> dict[str, Proc]:
+        return {k: Proc(k, **v) for k, v in self.state.get("processes", {}).items()}
+
+    # -- processes ----------------------------------------------------------------------------
+    def spawn(self, key: str, role: str, argv: list[str], env: dict[str, str] | None = None,
+              user: str | None = None, cwd: Path = REPO) -> Proc:
+        """Start argv inside namespace `role`, detached, logging to $LAB_ROOT/logs/<key>.log."""
+        logs = LAB_ROOT / "logs"
+        logs.mkdir(mode=0o755, parents=True, exist_ok=True)
+        log = logs / f"{key}.log"
+        cmd = ["ip", "netns", "exec", ns(role)]
+        if user:
+            cmd += ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}", "--clear-groups", "--"]
+        full_env = {"PATH": f"{LAB_ROOT}/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+                    "PYTHONPATH": str(REPO), **(env or {})}
+        with open(log, "ab") as fh:
+            p = subprocess.Popen(cmd + argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                 env=full_env, cwd=cwd, start_new_session=True)
+        time.sleep(0.02)
+        proc = Proc(key, p.pid, _starttime(p.pid), str(log))
+        self.state.setdefault("processes", {})[key] = {"pid": proc.pid, "starttime": proc.starttime,
+                                                       "log": proc.log}
+        self._save()
+        return proc
+
+    def stop(self, key: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """End a process the lab started (checked by PID and start time), then forget it."""
+        proc = self.procs().get(key)
+        if proc is None:
+            return
+        if proc.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
+            deadline = time.monotonic() + timeout
+            while proc.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if proc.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+        # Reap it if it is our child (the CLI process that spawned it may be this one).
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(proc.pid, os.WNOHANG)
+        self.state.get("processes", {}).pop(key, None)
+        self._save()
+
+    def app_pid(self, node: str) -> int | None:
+        try:
+            pid = int((node_root(node) / "run" / "minitwit-app.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return pid if b"tests.lab.app" in cmdline else None
+
+    # -- up -------------------------------------------------------------------------------------
+    def up(self, profile: str = "fast", wait: bool = True) -> None:
+        why = missing()
+        if why:
+            raise LabError(why)
+        if self.state_file.exists():
+            raise LabError(f"a lab is already up (or was interrupted): run `python -m tests.lab down` first "
+                           f"(state: {self.state_file})")
+        if profile not in PROFILES:
+            raise LabError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")
+        LAB_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chmod(LAB_ROOT, 0o755)
+        self.state = {"up": False, "profile": profile, "namespaces": [], "processes": {},
+                      "root": str(LAB_ROOT), "created": time.time()}
+        self._save()
+        try:
+            self._network()
+            self._edge()
+            self._database()
+            self._api()
+            for node in NODES:
+                self._node(node, profile)
+            self.state["up"] = True
+            self._save()
+            if wait:
+                self.wait_steady(timeout=30)
+        except BaseException:
+            self.down()
+            raise
+
+    def _network(self) -> None:
+        for role in ("sw", "client", "primary", "standby", "db"):
+            name = ns(role)
+            if name in sh("ip", "netns", "list").stdout.split():
+                raise LabError(f"network namespace {name} already exists (another lab?); "
+                               f"remove it or set LAB_PREFIX")
+            sh("ip", "netns", "add", name)
+            self.state["namespaces"].append(name)
+            self._save()
+            in_ns(role, "ip", "link", "set", "lo", "up")
+        for br in ("br-inet", "br-vpc"):
+            in_ns("sw", "ip", "link", "add", br, "type", "bridge")
+            in_ns("sw", "ip", "link", "set", br, "up")
+        self._link("client", "eth0", "c-inet", "br-inet", [f"{CLIENT_ADDR}/24", f"{API_ADDR}/24", f"{ADMIN_ADDR}/24"])
+        for node, short in (("primary", "p"), ("standby", "s")):
+            self._link(node, "eth0", f"{short}-inet", "br-inet", [f"{PUBLIC[node]}/24"])
+            self._link(node, "eth1", f"{short}-vpc", "br-vpc", [f"{PRIVATE[node]}/24"])
+        self._link("db", "eth1", "d-vpc", "br-vpc", [f"{DB_ADDR}/24"])
+
+    def _link(self, role: str, inner: str, outer: str, bridge: str, addrs: list[str]) -> None:
+        sh("ip", "link", "add", outer, "netns", ns("sw"), "type", "veth", "peer", "name", inner, "netns", ns(role))
+        in_ns("sw", "ip", "link", "set", outer, "master", bridge)
+        in_ns("sw", "ip", "link", "set", outer, "up")
+        for addr in addrs:
+            in_ns(role, "ip", "addr", "add", addr, "dev", inner)
+        in_ns(role, "ip", "link", "set", inner, "up")
+
+    def _edge(self) -> None:
+        """DigitalOcean's edge, in `client`: new connections to the reserved IP go to its holder."""
+        rules = f"""table ip {EDGE_TABLE} {{
+    map rip {{ type ipv4_addr : ipv4_addr; }}
+    chain out {{ type nat hook output priority -100; ip daddr {RESERVED_IP} dnat to ip daddr map @rip; }}
+}}
+"""
+        in_ns("client", "nft", "-f", "-", input=rules)
+        # Locally sent packets are routed before the NAT hook rewrites them: give the reserved IP a
+        # route. Unassigned, its packets go nowhere (connect timeouts), as at DigitalOcean.
+        in_ns("client", "ip", "route", "add", f"{RESERVED_IP}/32", "dev", "eth0")
+
+    def _database(self) -> None:
+        root = LAB_ROOT / "db"
+        root.mkdir(mode=0o700, exist_ok=True)
+        password = secrets.token_urlsafe(18)
+        pg = PgServer(port=DB_PORT, listen=DB_ADDR, netns=ns("db"), password=password, root=root)
+        pg.start()
+        self.state["db"] = {"root": str(root), "port": DB_PORT}
+        self._save()
+        pg.create_database("minitwit")
+        secret_file = LAB_ROOT / "db-url"
+        _write(secret_file, f"{pg.uri('minitwit', host=DB_ADDR)}\n", 0o600)
+        self.state["db"]["url_file"] = str(secret_file)
+        self._save()
+
+    def db_url(self) -> str:
+        return Path(self.state["db"]["url_file"]).read_text().strip()
+
+    def _api(self) -> None:
+        api_dir = LAB_ROOT / "api"
+        api_dir.mkdir(mode=0o700, exist_ok=True)
+        token = "dop_v1_" + secrets.token_hex(32)
+        _write(api_dir / "token", token + "\n", 0o600)
+        self.state["token_file"] = str(api_dir / "token")
+        config = {
+            "listen": f"{API_ADDR}:{API_PORT}",
+            "token_file": str(api_dir / "token"),
+            "region": "fra1",
+            "droplets": [{"id": DROPLET_ID[n], "name": n, "public_ipv4": PUBLIC[n], "private_ipv4": PRIVATE[n]}
+                         for n in NODES],
+            "reserved_ips": {RESERVED_IP: None},
+            "metadata_by_source": {PUBLIC[n]: DROPLET_ID[n] for n in NODES},
+            "on_assign": ["nft", f"flush map ip {EDGE_TABLE} rip; add element ip {EDGE_TABLE} rip "
+                                 "{ {ip} : {public_ipv4} }"],
+            "on_unassign": ["nft", f"flush map ip {EDGE_TABLE} rip"],
+            "log_path": str(LAB_ROOT / "logs" / "api-requests.jsonl"),
+            "ready_file": str(api_dir / "ready"),
+        }
+        _write(api_dir / "config.json", json.dumps(config, indent=2), 0o600)
+        self.spawn("api", "client", [sys.executable, "-m", "tests.lab.fakedo", "--config", str(api_dir / "config.json")])
+        _wait_for(lambda: (api_dir / "ready").exists(), 10, "the fake DigitalOcean API to listen")
+
+    def node_facts(self, node: str, profile: str) -> NodeFacts:
+        peer = "standby" if node == "primary" else "primary"
+        paths = node_paths(node)
+        return NodeFacts(
+            name=node, droplet_id=DROPLET_ID[node], private_ip=PRIVATE[node], peer_private_ip=PRIVATE[peer],
+            reserved_ip=RESERVED_IP, priority=PRIORITY[node], router_id=ROUTER_ID, private_interface="eth1",
+            admin_cidrs=(ADMIN_CIDR,), http_ports=(80, 443), health_url=HEALTH_URL, profile=PROFILES[profile],
+            api_url=f"http://{API_ADDR}:{API_PORT}", metadata_url=f"http://{API_ADDR}:{API_PORT}/metadata/v1",
+            script_user=SCRIPT_USER, paths=paths, log_file=str(node_root(node) / "var" / "log" / "mt-failover.log"),
+        )
+
+    def _node(self, node: str, profile: str) -> None:
+        root = node_root(node)
+        paths = node_paths(node)
+        facts = self.node_facts(node, profile)
+        compose = "services:\n  minitwit:\n    image: lab/minitwit:${MINITWIT_VERSION:-v1}\n"
+        for d in ("", "/run", "/var/log", "/etc/minitwit-lab"):
+            Path(f"{root}{d}").mkdir(mode=0o755, parents=True, exist_ok=True)
+        for f in render_node_files(facts, compose_text=compose):
+            _write(Path(f.path), f.content, f.mode)
+        for d in (paths.state_dir, paths.lib_dir, paths.track_dir):
+            Path(d).mkdir(mode=0o755, parents=True, exist_ok=True)
+        uid = pwd.getpwnam(SCRIPT_USER)
+        os.chown(paths.track_dir, uid.pw_uid, uid.pw_gid)
+        # The bin directory on keepalived's PATH holds the lab's docker stand-in (root-owned, 0755).
+        bindir = LAB_ROOT / "bin"
+        bindir.mkdir(mode=0o755, exist_ok=True)
+        shutil.copy2(REPO / "tests" / "lab" / "bin" / "docker", bindir / "docker")
+        os.chmod(bindir / "docker", 0o755)
+        token = Path(self.state["token_file"]).read_text()
+        _write(Path(paths.token_file), token, 0o600)
+        _write(Path(paths.app_env), f"DATABASE_URL={self.db_url()}\n", 0o600)
+        _write(root / "etc" / "minitwit-lab" / "node.env",
+               f"NODE_NAME={node}\nLAB_PYTHON={sys.executable}\nLAB_REPO={REPO}\nAPP_LISTEN=0.0.0.0:80\n", 0o644)
+        _write(Path(paths.app_dir) / ".env", "MINITWIT_VERSION=v1\n", 0o644)
+        # The node's own firewall, for real.
+        in_ns(node, "nft", "-f", paths.nftables_conf)
+        self.compose(node, "up", "-d")
+        self.start_daemons(node)
+
+    def node_env(self, node: str) -> dict[str, str]:
+        paths = node_paths(node)
+        return {"MT_FAILOVER_ENV": paths.failover_env, "MT_HEALTH_ENV": paths.health_env}
+
+    def compose(self, node: str, *args: str) -> subprocess.CompletedProcess:
+        paths = node_paths(node)
+        return in_ns(node, "env", f"PATH={LAB_ROOT}/bin:/usr/bin:/bin", str(LAB_ROOT / "bin" / "docker"),
+                     "compose", "-p", "minitwit", "-f", paths.compose_file, *args)
+
+    def start_daemons(self, node: str, which: tuple[str, ...] = ("watch", "reconcile", "keepalived")) -> None:
+        paths = node_paths(node)
+        env = self.node_env(node)
+        if "watch" in which and PROFILES[self.state["profile"]].use_watcher:
+            self.spawn(f"{node}-watch", node, [paths.script("mt-healthwatch")], env=env, user=SCRIPT_USER)
+        if "reconcile" in which:
+            self.spawn(f"{node}-reconcile", node, [paths.script("mt-failover"), "reconcile"], env=env)
+        if "keepalived" in which:
+            self.start_keepalived(node)
+
+    def start_keepalived(self, node: str) -> Proc:
+        paths = node_paths(node)
+        run = node_root(node) / "run"
+        return self.spawn(f"{node}-keepalived", node, [
+            "keepalived", "--dont-fork", "--log-console", "--log-detail", "--no-syslog", "--vrrp",
+            "-f", paths.keepalived_conf, "-p", paths.keepalived_pidfile, "-r", str(run / "keepalived-vrrp.pid"),
+        ], env=self.node_env(node))
+
+    # -- observation ------------------------------------------------------------------------------
+    def vrrp_state(self, node: str) -> str | None:
+        try:
+            return json.loads((Path(node_paths(node).state_dir) / "vrrp-state").read_text()).get("state")
+        except (OSError, ValueError):
+            return None
+
+    def api_state(self) -> dict:
+        out = in_ns("client", "curl", "--fail", "--silent", "--show-error", "--max-time", "3",
+                    f"http://{API_ADDR}:{API_PORT}/_lab/state", check=False)
+        if out.returncode != 0:
+            return {}
+        return json.loads(out.stdout)
+
+    def api_post(self, path: str, body: dict) -> dict:
+        out = in_ns("client", "curl", "--fail", "--silent", "--show-error", "--max-time", "5", "-X", "POST",
+                    "-H", "Content-Type: application/json", "--data", json.dumps(body),
+                    f"http://{API_ADDR}:{API_PORT}{path}")
+        return json.loads(out.stdout or "{}")
+
+    def holder(self) -> str | None:
+        ids = {v: k for k, v in DROPLET_ID.items()}
+        return ids.get(self.api_state().get("reserved_ips", {}).get(RESERVED_IP))
+
+    def http(self, url: str, timeout: float = 2.0) -> tuple[int | None, dict[str, str]]:
+        out = in_ns("client", "curl", "--silent", "--max-time", str(timeout), "--dump-header", "-",
+                    "--output", "/dev/null", url, check=False)
+        if out.returncode != 0:
+            return None, {}
+        lines = out.stdout.splitlines()
+        status = int(lines[0].split()[1]) if lines and lines[0].startswith("HTTP/") else None
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:]) if v}
+        return status, headers
+
+    def masters(self) -> list[str]:
+        return [n for n in NODES if self.vrrp_state(n) == "MASTER"]
+
+    def steady(self) -> str | None:
+        """The active node when exactly one MASTER holds the reserved IP and serves through it."""
+        masters = self.masters()
+        if len(masters) != 1 or self.holder() != masters[0]:
+            return None
+        status, headers = self.http(f"http://{RESERVED_IP}/latest")
+        return masters[0] if status == 200 and headers.get("x-served-by") == masters[0] else None
+
+    def wait_steady(self, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            active = self.steady()
+            if active:
+                return active
+            time.sleep(0.2)
+        raise LabError(f"the pair did not settle within {timeout:.0f}s: {json.dumps(self.status())}")
+
+    def status(self) -> dict:
+        nodes = {}
+        procs = self.procs()
+        for node in NODES:
+            status, headers = self.http(f"http://{PUBLIC[node]}/latest", timeout=1)
+            nodes[node] = {
+                "vrrp_state": self.vrrp_state(node),
+                "app_version": headers.get("x-app-version") if status else None,
+                "app_status": status,
+                "processes": {k.split("-", 1)[1]: p.alive() for k, p in procs.items() if k.startswith(node + "-")},
+            }
+            nodes[node]["processes"]["app"] = self.app_pid(node) is not None
+        return {"up": self.is_up, "profile": self.state.get("profile"), "nodes": nodes,
+                "reserved_ip": {"address": RESERVED_IP, "holder": self.holder()}}
+
+    def keepalived_log(self, node: str) -> str:
+        proc = self.state.get("keepalived_logs", {}).get(node)
+        path = Path(proc) if proc else LAB_ROOT / "logs" / f"{node}-keepalived.log"
+        try:
+            return path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # -- faults -------------------------------------------------------------------------------------
+    def fault(self, node: str, kind: str, count: int = 3, statuses: tuple = (500, 429, 422)) -> None:
+        if kind == "app":
+            pid = self.app_pid(node)
+            if pid is None:
+                raise LabError(f"{node}: the app is not running")
+            os.kill(pid, signal.SIGKILL)
+        elif kind == "keepalived":
+            self.stop(f"{node}-keepalived")
+        elif kind == "link":
+            for dev in ("eth0", "eth1"):
+                in_ns(node, "ip", "link", "set", dev, "down")
+        elif kind == "vpc":
+            rules = """table bridge mtha_cut {
+    chain cut {
+        type filter hook forward priority -100;
+        iifname "p-vpc" oifname "s-vpc" drop
+        iifname "s-vpc" oifname "p-vpc" drop
+    }
+}
+"""
+            in_ns("sw", "nft", "-f", "-", input=rules)
+        elif kind == "api":
+            for i in range(count):
+                self.api_post("/_lab/inject", {"status": statuses[i % len(statuses)], "count": 1,
+                                               "match": "assign", "retry_after": 1})
+        else:
+            raise LabError(f"unknown fault kind {kind!r}; use app, keepalived, link, vpc or api")
+
+    def heal(self, node: str, kind: str) -> None:
+        if kind == "app":
+            self.compose(node, "up", "-d")
+        elif kind == "keepalived":
+            if not (self.procs().get(f"{node}-keepalived") and self.procs()[f"{node}-keepalived"].alive()):
+                self.state.get("processes", {}).pop(f"{node}-keepalived", None)
+                self.start_keepalived(node)
+        elif kind == "link":
+            for dev in ("eth0", "eth1"):
+                in_ns(node, "ip", "link", "set", dev, "up")
+        elif kind == "vpc":
+            in_ns("sw", "nft", "delete", "table", "bridge", "mtha_cut", check=False)
+        elif kind == "api":
+            self.api_post("/_lab/clear", {})
+        else:
+            raise LabError(f"unknown fault kind {kind!r}; use app, keepalived, link, vpc or api")
+
+    # -- down -----------------------------------------------------------------------------------------
+    def down(self) -> list[str]:
+        """Tear everything down that the lab recorded; safe to call twice or after a crash."""
+        notes = []
+        for node in NODES:
+            pid = self.app_pid(node)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                _wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists(), 5, None)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for key in sorted(self.procs(), key=lambda k: k.endswith("api")):  # the API last
+            self.stop(key)
+        db = self.state.get("db")
+        if db:
+            data = Path(db["root"]) / "data"
+            if (data / "postmaster.pid").exists():
+                sh("runuser", "-u", "postgres", "--", str(_pg_ctl()), "-D", str(data), "-m", "fast", "-w",
+                   "-t", "20", "stop", check=False)
+        for name in reversed(self.state.get("namespaces", [])):
+            if sh("ip", "netns", "del", name, check=False).returncode != 0:
+                notes.append(f"could not delete namespace {name}")
+        if LAB_ROOT.exists():
+            shutil.rmtree(LAB_ROOT, ignore_errors=True)
+        self.state = {}
+        return notes
+
+
+def _pg_ctl() -> Path:
+    from tests.support.pg import pg_bindir
+
+    return pg_bindir() / "pg_ctl"
+
+
+def _write(path: Path, content: str, mode: int) -> None:
+    """Create `path` with its final mode from the first byte (parents root-owned 0755)."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(content)
+    os.chmod(path, mode)
+
+
+def _wait_for(pred, timeout: float, what: str | None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    if what:
+        raise LabError(f"timed out after {timeout:.0f}s waiting for {what}")
+    return False
+
+
+def url_host(url: str) -> str:
+    return urllib.parse.urlsplit(url).hostname or ""

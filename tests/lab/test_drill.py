@@ -1,0 +1,152 @@
+"""The failover drill, run for real in the lab (root, keepalived, nftables, PostgreSQL).
+
+One drill run (3 runs per scenario, as `make drill`) produces the report; each test asserts one
+scenario's targets on it. The lab runs under its own prefix and root so a developer's lab is not
+disturbed, and it is torn down by the drill even when a scenario fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.needs import need
+
+pytestmark = pytest.mark.lab
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TEST_ENV = {"LAB_ROOT": "/run/mtha-lab-test", "LAB_PREFIX": "mthat"}
+FAILOVER_TARGETS = {"app-crash": 1.5, "keepalived-stop": 1.5, "node-down": 2.0, "api-flaky": 5.0}
+SETTLE_TARGETS = {"split-brain": 3.0, "restart-both": 3.0}
+
+
+def lab_missing() -> str | None:
+    from tests.lab.lab import missing
+
+    return missing()
+
+
+def run_lab(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, **TEST_ENV, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "tests.lab", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def lab_leftovers() -> list[str]:
+    """Anything the test lab left behind: namespaces with its prefix, its root, its processes."""
+    found = [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+             if n.startswith(TEST_ENV["LAB_PREFIX"] + "-")]
+    if os.path.exists(TEST_ENV["LAB_ROOT"]):
+        found.append(TEST_ENV["LAB_ROOT"])
+    procs = subprocess.run(["pgrep", "-af", TEST_ENV["LAB_ROOT"]], capture_output=True, text=True).stdout
+    found += [ln for ln in procs.splitlines() if "pgrep" not in ln and "pytest" not in ln]
+    return found
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    need(lab_missing())
+    path = tmp_path_factory.mktemp("drill") / "drill-report.json"
+    proc = run_lab("drill", "--runs", "3", "--steady-s", "0", "--report", str(path))
+    assert path.exists(), f"drill wrote no report:\n{proc.stdout}\n{proc.stderr}"
+    data = json.loads(path.read_text())
+    data["_stdout"] = proc.stdout
+    return data
+
+
+def scenario(report: dict, name: str) -> dict:
+    return next(s for s in report["scenarios"] if s["name"] == name)
+
+
+def test_report_shape(report):
+    assert report["keepalived"].startswith("2.2.")
+    assert report["profile"] == "fast" and report["api_latency_s"] == 0
+    assert [s["name"] for s in report["scenarios"]] == ["app-crash", "keepalived-stop", "node-down", "split-brain",
+                                                        "api-flaky", "restart-both"]
+    for s in report["scenarios"]:
+        assert {"name", "failover_s", "requests", "failed", "holder_after", "single_master", "rows_lost",
+                "passed"} <= set(s)
+        assert len(s["runs_s"]) == 3
+    assert "scenario" in report["_stdout"] and "failover_s" in report["_stdout"]  # the printed table
+
+
+@pytest.mark.parametrize("name", sorted(FAILOVER_TARGETS))
+def test_failover_within_target(report, name):
+    s = scenario(report, name)
+    assert s["failover_s"] is not None and s["failover_s"] <= FAILOVER_TARGETS[name], s
+    assert s["holder_after"] in ("primary", "standby")
+    assert s["passed"], s
+
+
+@pytest.mark.parametrize("name", sorted(SETTLE_TARGETS))
+def test_exactly_one_master_holding_the_ip_within_target(report, name):
+    s = scenario(report, name)
+    assert s["single_master"], s
+    assert s["failover_s"] is not None and s["failover_s"] <= SETTLE_TARGETS[name], s
+    assert s["passed"], s
+
+
+def test_no_rows_lost_anywhere(report):
+    assert {s["name"]: s["rows_lost"] for s in report["scenarios"]} == {s["name"]: 0 for s in report["scenarios"]}
+    assert all(s["requests"] > 100 for s in report["scenarios"])  # there was real traffic to lose
+
+
+def test_split_brain_costs_no_requests(report):
+    """During a VPC cut both nodes serve the shared database: nothing fails, only the IP moves."""
+    assert scenario(report, "split-brain")["failed"] == 0
+    assert "both nodes MASTER during the cut" in scenario(report, "split-brain")["notes"]
+
+
+def test_keepalived_log_is_free_of_script_security_problems(report):
+    assert report["keepalived_log_clean"], report["keepalived_log_findings"]
+
+
+def test_the_drill_tore_the_lab_down(report):
+    assert lab_leftovers() == []
+
+
+@pytest.mark.slow
+def test_no_spurious_failover_under_five_minutes_of_steady_traffic(tmp_path):
+    need(lab_missing())
+    path = tmp_path / "steady.json"
+    proc = run_lab("drill", "--scenarios", "steady", "--steady-s", "300", "--report", str(path))
+    assert path.exists(), proc.stderr
+    steady = json.loads(path.read_text())["steady"]
+    assert steady["seconds"] >= 300
+    assert steady["transitions"] == 0, steady
+    assert steady["failed"] == 0 and steady["requests"] >= 300 * 45, steady
+    assert steady["holder_after"] == steady["active_before"]
+    assert lab_leftovers() == []
+
+
+def test_cli_up_status_fault_heal_down():
+    need(lab_missing())
+    try:
+        up = run_lab("up", timeout=120)
+        assert up.returncode == 0, up.stderr
+        status = json.loads(run_lab("status").stdout)
+        holder = status["reserved_ip"]["holder"]
+        assert holder in ("primary", "standby")
+        assert status["nodes"][holder]["vrrp_state"] == "MASTER"
+        other = "standby" if holder == "primary" else "primary"
+        assert status["nodes"][other]["vrrp_state"] == "BACKUP"
+        assert {n["app_version"] for n in status["nodes"].values()} == {"v1"}
+        assert run_lab("fault", holder, "keepalived").returncode == 0
+        # The reserved IP moves to the other node, as the fake API and the node's state both say.
+        for _ in range(50):
+            status = json.loads(run_lab("status").stdout)
+            if status["reserved_ip"]["holder"] == other and status["nodes"][other]["vrrp_state"] == "MASTER":
+                break
+        assert status["reserved_ip"]["holder"] == other, status
+        assert run_lab("heal", holder, "keepalived").returncode == 0
+        bad = run_lab("fault", holder, "nonsense")
+        assert bad.returncode != 0 and "invalid choice" in bad.stderr
+    finally:
+        down = run_lab("down")
+    assert down.returncode == 0, down.stderr
+    assert lab_leftovers() == []
+    assert json.loads(run_lab("status").stdout or "{}") == {"up": False}
