@@ -53,7 +53,8 @@ PRIORITY = {"primary": 150, "standby": 100}
 ROUTER_ID = 51
 SCRIPT_USER = "nobody"  # exists on every Debian machine; droplets use keepalived_script
 HEALTH_URL = "http://127.0.0.1:80/latest"
-BINARIES = ("ip", "nft", "keepalived", "curl", "runuser", "setpriv")
+BINARIES = ("ip", "nft", "keepalived", "curl", "runuser", "setpriv", "sshd", "ssh", "ssh-keygen", "sudo", "visudo")
+DEPLOY_USER = "deploy"
 EDGE_TABLE = "mtha_edge"
 
 
@@ -213,6 +214,7 @@ class Lab:
             self._api()
             for node in NODES:
                 self._node(node, profile)
+            self._ssh()
             self.state["up"] = True
             self._save()
             if wait:
@@ -340,6 +342,71 @@ class Lab:
         in_ns(node, "nft", "-f", paths.nftables_conf)
         self.compose(node, "up", "-d")
         self.start_daemons(node)
+
+    # -- SSH: the production transport for rollouts, and the hardening checks ------------------
+    @property
+    def ssh_dir(self) -> Path:
+        return LAB_ROOT / "ssh"
+
+    @property
+    def sudoers_file(self) -> Path:
+        return Path(f"/etc/sudoers.d/{PREFIX}-lab")
+
+    def _ssh(self) -> None:
+        """An sshd per node (the droplets' sshd hardening, from the same text cloud-init writes),
+        a `deploy` user with a lab key, and sudo for the node scripts only."""
+        from infra.cloudinit import SSHD_DROPIN
+
+        try:
+            pwd.getpwnam(DEPLOY_USER)
+        except KeyError:
+            sh("useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/bin/bash",
+               DEPLOY_USER)
+            sh("usermod", "-p", "*", DEPLOY_USER)  # no password, but not "locked" (sshd refuses locked accounts)
+            self.state["created_user"] = DEPLOY_USER
+            self._save()
+        d = self.ssh_dir
+        (d / "authorized_keys").mkdir(mode=0o755, parents=True, exist_ok=True)
+        if not (d / "id_ed25519").exists():
+            sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "lab-operator", "-f", str(d / "id_ed25519"))
+        _write(d / "authorized_keys" / DEPLOY_USER, (d / "id_ed25519.pub").read_text(), 0o644)
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+        known = []
+        for node in NODES:
+            etc = node_root(node) / "etc" / "ssh"
+            etc.mkdir(mode=0o755, parents=True, exist_ok=True)
+            key = etc / "ssh_host_ed25519_key"
+            sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{node}-host", "-f", str(key))
+            known.append(f"{PUBLIC[node]} {' '.join(Path(str(key) + '.pub').read_text().split()[:2])}")
+            _write(etc / "sshd_config", (
+                "# The lab node's sshd: the droplets' hardening (infra/cloudinit.py) plus lab paths.\n"
+                + SSHD_DROPIN +
+                f"ListenAddress {PUBLIC[node]}:22\n"
+                f"HostKey {key}\n"
+                f"PidFile {node_root(node) / 'run' / 'sshd.pid'}\n"
+                f"AuthorizedKeysFile {d / 'authorized_keys'}/%u\n"
+                "UsePAM no\nPubkeyAuthentication yes\nStrictModes yes\nX11Forwarding no\n"
+                "AllowTcpForwarding no\nPrintMotd no\n"
+            ), 0o644)
+            sh("sshd", "-t", "-f", str(etc / "sshd_config"))
+            self.spawn(f"{node}-sshd", node, ["/usr/sbin/sshd", "-D", "-e", "-f", str(etc / "sshd_config")])
+        _write(d / "known_hosts", "\n".join(known) + "\n", 0o644)
+        scripts = ", ".join(f"{node_paths(n).script('mt-deploy')}" for n in NODES)
+        rule = (f"# {PREFIX} lab: the deploy user may run the node's deploy script as root (droplets: all of sudo)\n"
+                f"{DEPLOY_USER} ALL=(root) NOPASSWD: {scripts}\n")
+        tmp = LAB_ROOT / "sudoers.tmp"
+        _write(tmp, rule, 0o440)
+        sh("visudo", "-c", "-q", "-f", str(tmp))
+        shutil.move(str(tmp), self.sudoers_file)
+        self.state["sudoers"] = str(self.sudoers_file)
+        self._save()
+
+    def ssh_argv(self, node: str, source: str = ADMIN_ADDR, user: str = DEPLOY_USER) -> list[str]:
+        """ssh to a node from the client namespace, as an operator at `source` would."""
+        d = self.ssh_dir
+        return ["ip", "netns", "exec", ns("client"), "ssh", "-i", str(d / "id_ed25519"), "-o", "BatchMode=yes",
+                "-o", f"UserKnownHostsFile={d / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes",
+                "-o", "ConnectTimeout=3", "-o", f"BindAddress={source}", f"{user}@{PUBLIC[node]}"]
 
     def node_env(self, node: str) -> dict[str, str]:
         paths = node_paths(node)
@@ -511,6 +578,11 @@ class Lab:
             if (data / "postmaster.pid").exists():
                 sh("runuser", "-u", "postgres", "--", str(_pg_ctl()), "-D", str(data), "-m", "fast", "-w",
                    "-t", "20", "stop", check=False)
+        sudoers = self.state.get("sudoers")
+        if sudoers:
+            Path(sudoers).unlink(missing_ok=True)
+        if self.state.get("created_user"):
+            sh("userdel", self.state["created_user"], check=False)
         for name in reversed(self.state.get("namespaces", [])):
             if sh("ip", "netns", "del", name, check=False).returncode != 0:
                 notes.append(f"could not delete namespace {name}")
