@@ -128,6 +128,7 @@ class NodeFacts:
     compose_project: str = "minitwit"
     with_compose: bool = True      # false: no compose services check (a node without compose)
     script_user: str = "keepalived_script"
+    docker_cmd: str = "docker"     # the docker CLI the node scripts call (the lab: its stand-in)
     paths: NodePaths = field(default_factory=NodePaths)
     log_file: str = ""             # extra log file for mt-failover (the lab); syslog is always used
 
@@ -312,6 +313,7 @@ def render_health_env(facts: NodeFacts) -> str:
         "WATCH_REFRESH_S": "2",
         "COMPOSE_FILE": paths.compose_file if facts.with_compose else "",
         "COMPOSE_PROJECT": facts.compose_project,
+        "DOCKER": facts.docker_cmd,
         "MAINTENANCE_FLAG": paths.maintenance_flag,
         "TRACK_FILE": paths.track_file,
     }

@@ -9,12 +9,14 @@ acknowledged (204) during the run that the shared database does not have afterwa
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,29 @@ FAULT_OF = {"app-crash": "app", "keepalived-stop": "keepalived", "node-down": "l
 SPLIT_S = 10.0
 RATE = 50
 BAD_LOG_LINES = ("unsafe permissions", "SECURITY VIOLATION", "disabling")
+
+# More scenarios live in their own modules (rolling updates, hardening) and register here:
+# name -> fn(lab, workdir, runs) -> report entry (a dict with at least "name" and "passed").
+EXTRA_SCENARIOS: dict[str, Callable[[Lab, Path, int], dict]] = {}
+EXTRA_MODULES = ("tests.lab.scenarios_rollout", "tests.lab.scenarios_hardening")
+
+
+def scenario(name: str):
+    """Decorator for scenario modules: register `fn` under `name`."""
+    def register(fn: Callable[[Lab, Path, int], dict]) -> Callable[[Lab, Path, int], dict]:
+        EXTRA_SCENARIOS[name] = fn
+        return fn
+    return register
+
+
+def load_extra_scenarios() -> list[str]:
+    for module in EXTRA_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    return list(EXTRA_SCENARIOS)
 
 
 def peer(node: str) -> str:
@@ -227,10 +252,12 @@ def summarize(name: str, runs: list[RunResult]) -> dict:
 def run_drill(profile: str = "fast", runs: int = 3, only: list[str] | None = None, steady_s: float = 0.0,
               lab: Lab | None = None) -> dict:
     """Bring the lab up (unless given one), run the scenarios, tear down, return the report."""
+    extras = load_extra_scenarios()
     chosen = [s for s in SCENARIOS if not only or s in only]
-    unknown = set(only or []) - set(SCENARIOS) - {"steady"}
+    chosen_extras = [s for s in extras if not only or s in only]
+    unknown = set(only or []) - set(SCENARIOS) - set(extras) - {"steady"}
     if unknown:
-        raise LabError(f"unknown scenario(s) {sorted(unknown)}; use {', '.join(SCENARIOS)} or steady")
+        raise LabError(f"unknown scenario(s) {sorted(unknown)}; use {', '.join([*SCENARIOS, *extras])} or steady")
     own = lab is None
     lab = lab or Lab()
     if own:
@@ -244,6 +271,10 @@ def run_drill(profile: str = "fast", runs: int = 3, only: list[str] | None = Non
             results = [run_once(lab, name, workdir, i) for i in range(runs)]
             report["scenarios"].append(summarize(name, results))
             _progress(report["scenarios"][-1])
+        for name in chosen_extras:
+            entry = EXTRA_SCENARIOS[name](lab, workdir, runs)
+            report["scenarios"].append(entry)
+            print(f"  {name:<16} {'ok' if entry['passed'] else 'FAILED'}", file=sys.stderr, flush=True)
         if steady_s > 0 and (not only or "steady" in only):
             report["steady"] = steady_run(lab, workdir, steady_s)
         logs = {n: lab.keepalived_log(n) for n in NODES}
@@ -269,11 +300,21 @@ def table(report: dict) -> str:
             f"median of {report['runs']} run(s)", "",
             f"{'scenario':<17}{'failover_s':>11}{'target':>8}{'requests':>10}{'failed':>8}  {'holder_after':<13}"
             f"{'single_master':<15}{'rows_lost':>9}  result"]
+    extras = []
     for s in report["scenarios"]:
+        if "failover_s" not in s or "target_s" not in s:
+            extras.append(s)
+            continue
         fs = "-" if s["failover_s"] is None else f"{s['failover_s']:.2f}"
         rows.append(f"{s['name']:<17}{fs:>11}{s['target_s']:>8.1f}{s['requests']:>10}{s['failed']:>8}  "
                     f"{str(s['holder_after']):<13}{str(s['single_master']):<15}{s['rows_lost']:>9}  "
                     f"{'pass' if s['passed'] else 'FAIL'}")
+    if extras:
+        rows += ["", f"{'scenario':<28}{'requests':>10}{'failed':>8}  result  details"]
+        for s in extras:
+            details = s.get("summary", "")
+            rows.append(f"{s['name']:<28}{s.get('requests', '-'):>10}{s.get('failed', '-'):>8}  "
+                        f"{'pass' if s['passed'] else 'FAIL':<6}  {details}")
     if "steady" in report:
         st = report["steady"]
         rows.append(f"{'steady':<17}{'':>11}{'':>8}{st['requests']:>10}{st['failed']:>8}  "

@@ -215,6 +215,7 @@ class Lab:
             for node in NODES:
                 self._node(node, profile)
             self._ssh()
+            self._outputs()
             self.state["up"] = True
             self._save()
             if wait:
@@ -224,7 +225,7 @@ class Lab:
             raise
 
     def _network(self) -> None:
-        for role in ("sw", "client", "primary", "standby", "db"):
+        for role in ("sw", "client", "primary", "standby", "db", "rogue"):
             name = ns(role)
             if name in sh("ip", "netns", "list").stdout.split():
                 raise LabError(f"network namespace {name} already exists (another lab?); "
@@ -241,6 +242,8 @@ class Lab:
             self._link(node, "eth0", f"{short}-inet", "br-inet", [f"{PUBLIC[node]}/24"])
             self._link(node, "eth1", f"{short}-vpc", "br-vpc", [f"{PRIVATE[node]}/24"])
         self._link("db", "eth1", "d-vpc", "br-vpc", [f"{DB_ADDR}/24"])
+        # A third host on the VPC, for the rogue-VRRP-speaker check.
+        self._link("rogue", "eth1", "r-vpc", "br-vpc", [f"{ROGUE_ADDR}/24"])
 
     def _link(self, role: str, inner: str, outer: str, bridge: str, addrs: list[str]) -> None:
         sh("ip", "link", "add", outer, "netns", ns("sw"), "type", "veth", "peer", "name", inner, "netns", ns(role))
@@ -311,7 +314,8 @@ class Lab:
             reserved_ip=RESERVED_IP, priority=PRIORITY[node], router_id=ROUTER_ID, private_interface="eth1",
             admin_cidrs=(ADMIN_CIDR,), http_ports=(80, 443), health_url=HEALTH_URL, profile=PROFILES[profile],
             api_url=f"http://{API_ADDR}:{API_PORT}", metadata_url=f"http://{API_ADDR}:{API_PORT}/metadata/v1",
-            script_user=SCRIPT_USER, paths=paths, log_file=str(node_root(node) / "var" / "log" / "mt-failover.log"),
+            script_user=SCRIPT_USER, docker_cmd=str(LAB_ROOT / "bin" / "docker"), paths=paths,
+            log_file=str(node_root(node) / "var" / "log" / "mt-failover.log"),
         )
 
     def _node(self, node: str, profile: str) -> None:
@@ -400,6 +404,22 @@ class Lab:
         shutil.move(str(tmp), self.sudoers_file)
         self.state["sudoers"] = str(self.sudoers_file)
         self._save()
+
+    @property
+    def outputs_file(self) -> Path:
+        return LAB_ROOT / "stack-outputs.json"
+
+    def _outputs(self) -> None:
+        """The lab's answer to `pulumi stack output --json`: the same names and shapes as the stack."""
+        outputs = {
+            "reserved_ip": RESERVED_IP,
+            "app_url": f"http://{RESERVED_IP}/",
+            "vpc_id": "lab-vpc",
+            "database_host": DB_ADDR,
+            "nodes": {n: {"droplet_id": DROPLET_ID[n], "public_ipv4": PUBLIC[n], "private_ipv4": PRIVATE[n]}
+                      for n in NODES},
+        }
+        _write(self.outputs_file, json.dumps(outputs, indent=2) + "\n", 0o644)
 
     def ssh_argv(self, node: str, source: str = ADMIN_ADDR, user: str = DEPLOY_USER) -> list[str]:
         """ssh to a node from the client namespace, as an operator at `source` would."""
