@@ -142,7 +142,7 @@ def rows_lost(lab: Lab, records: list[dict]) -> int:
 
 
 def run_once(lab: Lab, scenario: str, workdir: Path, index: int) -> RunResult:
-    active = lab.wait_steady(timeout=30)
+    active = lab.wait_pair_ready(timeout=30)
     other = peer(active)
     gen = Traffic(lab, workdir / f"{scenario}-{index}.jsonl").start()
     time.sleep(1.0)
@@ -200,7 +200,7 @@ def run_once(lab: Lab, scenario: str, workdir: Path, index: int) -> RunResult:
 
 def steady_run(lab: Lab, workdir: Path, seconds: float) -> dict:
     """No spurious failover: steady traffic for `seconds`, no VRRP transition, no failed request."""
-    active = lab.wait_steady(timeout=30)
+    active = lab.wait_pair_ready(timeout=30)
     logs = {n: Path(lab.node_facts(n, lab.state["profile"]).paths.lib_dir) / "transitions.log" for n in NODES}
     before = {n: _lines(p) for n, p in logs.items()}
     gen = Traffic(lab, workdir / "steady.jsonl").start()
@@ -282,8 +282,9 @@ def run_drill(profile: str = "fast", runs: int = 3, only: list[str] | None = Non
                if any(b in ln for b in BAD_LOG_LINES)]
         report["keepalived_log_clean"] = not bad
         report["keepalived_log_findings"] = bad[:20]
+        report["secrets_audit"] = lab.audit_secrets({"drill report": json.dumps(report)})
         report["passed"] = (all(s["passed"] for s in report["scenarios"]) and not bad
-                            and report.get("steady", {}).get("passed", True))
+                            and report["secrets_audit"]["clean"] and report.get("steady", {}).get("passed", True))
     finally:
         if own:
             lab.down()
@@ -321,6 +322,11 @@ def table(report: dict) -> str:
                     f"{str(st['holder_after']):<13}{'transitions=' + str(st['transitions']):<15}"
                     f"{st['rows_lost']:>9}  {'pass' if st['passed'] else 'FAIL'}")
     rows.append("")
+    audit = report.get("secrets_audit")
+    if audit:
+        rows.append(f"secrets audit: {audit['files_scanned']} files scanned, "
+                    + ("no secret outside its 0600 home" if audit["clean"] else
+                       "FINDINGS: " + "; ".join(audit["findings"] + audit["homes_not_0600"])))
     rows.append("keepalived log: " + ("clean (no unsafe permissions, SECURITY VIOLATION or disabling lines)"
                                       if report["keepalived_log_clean"] else
                                       "FINDINGS: " + "; ".join(report["keepalived_log_findings"])))

@@ -268,7 +268,8 @@ class Lab:
     def _database(self) -> None:
         root = LAB_ROOT / "db"
         root.mkdir(mode=0o700, exist_ok=True)
-        password = secrets.token_urlsafe(18)
+        # LAB_DB_PASSWORD / LAB_TOKEN let a test plant sentinel values and audit where they end up.
+        password = os.environ.get("LAB_DB_PASSWORD") or secrets.token_urlsafe(18)
         pg = PgServer(port=DB_PORT, listen=DB_ADDR, netns=ns("db"), password=password, root=root)
         pg.start()
         self.state["db"] = {"root": str(root), "port": DB_PORT}
@@ -285,7 +286,7 @@ class Lab:
     def _api(self) -> None:
         api_dir = LAB_ROOT / "api"
         api_dir.mkdir(mode=0o700, exist_ok=True)
-        token = "dop_v1_" + secrets.token_hex(32)
+        token = os.environ.get("LAB_TOKEN") or "dop_v1_" + secrets.token_hex(32)
         _write(api_dir / "token", token + "\n", 0o600)
         self.state["token_file"] = str(api_dir / "token")
         config = {
@@ -509,6 +510,18 @@ class Lab:
             time.sleep(0.2)
         raise LabError(f"the pair did not settle within {timeout:.0f}s: {json.dumps(self.status())}")
 
+    def wait_pair_ready(self, timeout: float = 30.0) -> str:
+        """Steady, and the other node BACKUP (recovered, ready to take over): nothing in flight."""
+        deadline = time.monotonic() + timeout
+        active = self.wait_steady(timeout)
+        while time.monotonic() < deadline:
+            other = "standby" if active == "primary" else "primary"
+            if self.vrrp_state(other) == "BACKUP" and self.steady() == active:
+                return active
+            time.sleep(0.1)
+            active = self.steady() or active
+        raise LabError(f"the standby did not become BACKUP within {timeout:.0f}s: {json.dumps(self.status())}")
+
     def status(self) -> dict:
         nodes = {}
         procs = self.procs()
@@ -531,6 +544,50 @@ class Lab:
             return path.read_text(errors="replace")
         except OSError:
             return ""
+
+    # -- secrets audit ----------------------------------------------------------------------------
+    def secret_values(self) -> dict[str, str]:
+        from urllib.parse import unquote, urlsplit
+
+        out = {"failover token": Path(self.state["token_file"]).read_text().strip()}
+        password = urlsplit(self.db_url()).password
+        if password:
+            out["database password"] = unquote(password)
+        return out
+
+    def secret_homes(self) -> set[Path]:
+        """The only files a secret may be in: its own 0600 destinations."""
+        homes = {Path(self.state["token_file"]), Path(self.state["db"]["url_file"])}
+        for node in NODES:
+            homes |= {Path(node_paths(node).token_file), Path(node_paths(node).app_env)}
+        return homes
+
+    def audit_secrets(self, extra: dict[str, str] | None = None) -> dict:
+        """Search every file the lab wrote (logs, state, rendered files, traffic records, the API's
+        request log) and `extra` texts for the lab's secrets; only their 0600 homes may hold them."""
+        secrets_ = self.secret_values()
+        homes = self.secret_homes()
+        findings, scanned, bad_modes = [], 0, []
+        skip = LAB_ROOT / "db" / "data"  # PostgreSQL's own files: a SCRAM verifier, never the password
+        for path in sorted(LAB_ROOT.rglob("*")):
+            if not path.is_file() or path.is_symlink() or skip in path.parents:
+                continue
+            if path in homes:
+                if path.stat().st_mode & 0o077:
+                    bad_modes.append(f"{path} is {oct(path.stat().st_mode & 0o777)}")
+                continue
+            data = path.read_bytes()
+            scanned += 1
+            for what, value in secrets_.items():
+                if value.encode() in data:
+                    findings.append(f"{what} in {path}")
+        for name, text in (extra or {}).items():
+            scanned += 1
+            for what, value in secrets_.items():
+                if value in text:
+                    findings.append(f"{what} in {name}")
+        return {"files_scanned": scanned, "secrets": sorted(secrets_), "findings": findings,
+                "homes_not_0600": bad_modes, "clean": not findings and not bad_modes}
 
     # -- faults -------------------------------------------------------------------------------------
     def fault(self, node: str, kind: str, count: int = 3, statuses: tuple = (500, 429, 422)) -> None:

@@ -20,6 +20,9 @@ pytestmark = pytest.mark.lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEST_ENV = {"LAB_ROOT": "/run/mtha-lab-test", "LAB_PREFIX": "mthat"}
+# Sentinel secrets planted in the lab: the audit must find them nowhere but their 0600 homes.
+SENTINEL_TOKEN = "dop_v1_" + "5e" * 32
+SENTINEL_DB_PASSWORD = "SENTINEL-lab-db-password-4b1d"
 FAILOVER_TARGETS = {"app-crash": 1.5, "keepalived-stop": 1.5, "node-down": 2.0, "api-flaky": 5.0}
 SETTLE_TARGETS = {"split-brain": 3.0, "restart-both": 3.0}
 
@@ -30,8 +33,8 @@ def lab_missing() -> str | None:
     return missing()
 
 
-def run_lab(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, **TEST_ENV, "PYTHONPATH": ROOT}
+def run_lab(*args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **TEST_ENV, "PYTHONPATH": ROOT, **(env or {})}
     return subprocess.run([sys.executable, "-m", "tests.lab", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -51,10 +54,13 @@ def lab_leftovers() -> list[str]:
 def report(tmp_path_factory):
     need(lab_missing())
     path = tmp_path_factory.mktemp("drill") / "drill-report.json"
-    proc = run_lab("drill", "--runs", "3", "--steady-s", "0", "--report", str(path))
+    proc = run_lab("drill", "--runs", "3", "--steady-s", "0", "--report", str(path),
+                   env={"LAB_TOKEN": SENTINEL_TOKEN, "LAB_DB_PASSWORD": SENTINEL_DB_PASSWORD})
     assert path.exists(), f"drill wrote no report:\n{proc.stdout}\n{proc.stderr}"
     data = json.loads(path.read_text())
     data["_stdout"] = proc.stdout
+    data["_stderr"] = proc.stderr
+    data["_raw"] = path.read_text()
     return data
 
 
@@ -65,9 +71,10 @@ def scenario(report: dict, name: str) -> dict:
 def test_report_shape(report):
     assert report["keepalived"].startswith("2.2.")
     assert report["profile"] == "fast" and report["api_latency_s"] == 0
-    assert [s["name"] for s in report["scenarios"]] == ["app-crash", "keepalived-stop", "node-down", "split-brain",
-                                                        "api-flaky", "restart-both"]
-    for s in report["scenarios"]:
+    names = [s["name"] for s in report["scenarios"]]
+    assert names[:6] == ["app-crash", "keepalived-stop", "node-down", "split-brain", "api-flaky", "restart-both"]
+    assert {"rogue-vrrp", "ssh-from-outside", "http-open"} <= set(names)
+    for s in report["scenarios"][:6]:
         assert {"name", "failover_s", "requests", "failed", "holder_after", "single_master", "rows_lost",
                 "passed"} <= set(s)
         assert len(s["runs_s"]) == 3
@@ -103,6 +110,36 @@ def test_split_brain_costs_no_requests(report):
 
 def test_keepalived_log_is_free_of_script_security_problems(report):
     assert report["keepalived_log_clean"], report["keepalived_log_findings"]
+
+
+def test_rogue_vrrp_speaker_changes_nothing(report):
+    s = scenario(report, "rogue-vrrp")
+    assert s["rogue_adverts_sent"] > 0
+    # The adverts reached both nodes and the ruleset dropped them (control: tests/lab/test_rogue.py shows
+    # the same adverts make a bare keepalived step down).
+    assert all(n > 0 for n in s["dropped_by_firewall"].values()), s
+    assert s["transitions"] == 0 and s["holder_after"] == s["holder_before"] and s["failed"] == 0, s
+
+
+def test_ssh_only_from_admin_cidrs_only_as_deploy(report):
+    s = scenario(report, "ssh-from-outside")
+    assert s["passed"], json.dumps(s["checks"], indent=1)
+    assert len(s["checks"]) == 8
+
+
+def test_only_the_app_ports_answer_from_the_internet(report):
+    s = scenario(report, "http-open")
+    assert s["passed"], json.dumps(s["checks"], indent=1)
+    assert {c["got"] for c in s["checks"].values()} == {"200", "dropped", "refused", "open"}
+
+
+def test_secrets_audit_finds_nothing(report):
+    audit = report["secrets_audit"]
+    assert audit["secrets"] == ["database password", "failover token"]
+    assert audit["files_scanned"] > 50  # logs, state, rendered files, traffic records, API request log
+    assert audit["findings"] == [] and audit["homes_not_0600"] == [] and audit["clean"]
+    for text in (report["_raw"], report["_stdout"], report["_stderr"]):
+        assert SENTINEL_TOKEN not in text and SENTINEL_DB_PASSWORD not in text
 
 
 def test_the_drill_tore_the_lab_down(report):
