@@ -656,3 +656,97 @@ def test_script_is_an_executable_stdlib_only_python3_script():
     assert source.startswith("#!/usr/bin/env python3\n") and os.access(SCRIPT, os.X_OK)
     imported = set(re.findall(r"^(?:import|from) ([a-z_]+)", source, re.M))
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+
+
+# -- bad input never moves the reserved IP away from a healthy MASTER (issue 7) -------------------
+#
+# The peer (droplet 102) is the healthy MASTER holding the IP. Whatever garbage this node's
+# inputs hold, every command it runs as a BACKUP (notify, reclaim, reconcile, status) ends with a
+# defined exit code and a clear last line, and the IP stays on the peer.
+
+def _peer_holds_it(fake: FakeDO) -> None:
+    fake.set_holder(IP, PEER, run_hook=False)
+
+
+def _as_backup_node_runs_everything(node: Node) -> dict[str, int]:
+    return {
+        "notify BACKUP": node.notify("BACKUP", "100").returncode,
+        "notify FAULT": node.notify("FAULT", "100").returncode,
+        "reclaim": node.run("reclaim").returncode,
+        "reconcile --once": node.run("reconcile", "--once").returncode,
+    }
+
+
+@pytest.mark.parametrize("kind", ["html", "garbage", "empty", 500])
+def test_garbage_from_api_or_metadata_never_moves_the_ip(node: Node, fake: FakeDO, kind):
+    _peer_holds_it(fake)
+    fake.inject(kind, count=100, match="any")
+    codes = _as_backup_node_runs_everything(node)
+    assert codes == {"notify BACKUP": 0, "notify FAULT": 0, "reclaim": 0, "reconcile --once": 0}
+    assert posts(fake) == [] and fake.holder(IP) == PEER
+
+
+@pytest.mark.parametrize("how", ["env file missing", "token missing", "token empty", "token 0644",
+                                 "RESERVED_IP=203.0.113.256"])
+def test_broken_config_on_a_backup_never_moves_the_ip(node: Node, fake: FakeDO, how: str):
+    _peer_holds_it(fake)
+    named = break_config(node, how)
+    for args in (("notify", "INSTANCE", "minitwit", "BACKUP", "100"), ("reclaim",), ("reconcile", "--once")):
+        proc = node.run(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        errors = [ln for ln in proc.stderr.splitlines() if "configuration error" in ln]
+        assert len(errors) == 1 and named in errors[0] and "exit=2" in errors[0], (args, proc.stderr)
+    assert posts(fake) == [] and fake.holder(IP) == PEER
+
+
+def test_wrong_reserved_ip_on_a_master_refuses_and_leaves_the_real_ip_alone(node: Node, fake: FakeDO):
+    _peer_holds_it(fake)
+    node.write_env(RESERVED_IP="203.0.113.99")  # not in this account: the API says 404
+    proc = node.notify("MASTER")
+    assert proc.returncode == 4, proc.stderr
+    assert "203.0.113.99" in last_line(proc.stderr) and "RESERVED_IP" in last_line(proc.stderr)
+    assert posts(fake) == [] and fake.holder(IP) == PEER
+
+
+@pytest.mark.parametrize("kind", ["html", "garbage", "empty"])
+def test_garbage_answers_to_a_master_end_in_one_clear_give_up_line(node: Node, fake: FakeDO, kind):
+    _peer_holds_it(fake)
+    node.write_env(ASSIGN_DEADLINE_S="1")
+    fake.inject(kind, count=1000, match="any")
+    proc = node.notify("MASTER")
+    assert proc.returncode == 3, proc.stderr
+    assert "gave up" in last_line(proc.stderr) or "giving up" in last_line(proc.stderr), proc.stderr
+    assert fake.holder(IP) == PEER
+
+
+def test_a_master_whose_keepalived_died_is_not_master_for_the_reconciler(node: Node, fake: FakeDO, tmp_path):
+    """keepalived killed without its STOP notify: vrrp-state still says MASTER. The reconciler must not
+    keep reclaiming the IP from the node that really is MASTER now."""
+    _peer_holds_it(fake)
+    pidfile = tmp_path / "keepalived.pid"
+    pidfile.write_text("999999\n")  # no such process
+    node.write_env(KEEPALIVED_PIDFILE=str(pidfile))
+    node.force_state("MASTER")
+    proc = node.run("reconcile", "--once")
+    assert proc.returncode == 0, proc.stderr
+    assert posts(fake) == [] and fake.holder(IP) == PEER
+    status = json.loads(node.run("status").stdout)
+    assert status["vrrp_state"] == "STALE"
+
+
+def test_a_master_with_a_live_keepalived_still_reclaims(node: Node, fake: FakeDO, tmp_path):
+    _peer_holds_it(fake)
+    fake_keepalived = tmp_path / "keepalived"  # a process whose name is keepalived
+    fake_keepalived.write_bytes(Path("/bin/sleep").read_bytes())
+    fake_keepalived.chmod(0o755)
+    proc = subprocess.Popen([str(fake_keepalived), "30"])
+    try:
+        (tmp_path / "keepalived.pid").write_text(f"{proc.pid}\n")
+        node.write_env(KEEPALIVED_PIDFILE=str(tmp_path / "keepalived.pid"))
+        node.force_state("MASTER")
+        result = node.run("reconcile", "--once")
+        assert result.returncode == 0, result.stderr
+        assert fake.holder(IP) == ME and len(posts(fake)) == 1
+    finally:
+        proc.kill()
+        proc.wait()
