@@ -43,10 +43,10 @@ lint: setup  ## ruff and shellcheck
 	shellcheck $(SHELL_SCRIPTS)
 
 test: setup setup-lab lint  ## everything: lint, unit, stack (mocks), database, lab and drill scenarios
-	$(PYTEST) -q
+	$(PYTEST) -q -m "not integration"
 
 test-fast: setup  ## the quick loop: no lab, no slow scenarios
-	$(PYTEST) -q -m "not lab and not slow"
+	$(PYTEST) -q -m "not lab and not slow and not integration"
 
 plan: setup  ## offline plan of STACK (default prod) under mocks: plan/$(STACK).txt, no credentials needed
 	$(PY) scripts/plan.py --stack $(STACK) --out plan/$(STACK).txt
