@@ -10,10 +10,10 @@ STACK   ?= prod
 PROFILE ?= fast
 RUNS    ?= 3
 # Debian packages the lab and the tests use (installed by `make setup-lab` when run as root).
-LAB_PACKAGES := keepalived nftables iproute2 postgresql shellcheck openssh-server openssh-client pgloader sqlite3 curl
+LAB_PACKAGES := keepalived nftables iproute2 postgresql shellcheck openssh-server openssh-client sudo pgloader sqlite3 curl python3-venv
 SHELL_SCRIPTS := $(wildcard scripts/mt-health scripts/mt-deploy scripts/*.sh .ci/run tests/lab/bin/*)
 
-.PHONY: help setup setup-lab lint test test-fast plan demo drill lab-down clean
+.PHONY: help setup setup-lab lint test test-fast test-integration plan demo drill lab-down clean
 
 help:  ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -42,19 +42,22 @@ lint: setup  ## ruff and shellcheck
 	$(RUFF) check .
 	shellcheck $(SHELL_SCRIPTS)
 
-test: setup setup-lab lint  ## everything: lint, unit, stack (mocks), database, lab and drill scenarios
+test: setup-lab setup lint  ## everything: lint, unit, stack (mocks), database, lab and drill scenarios
 	$(PYTEST) -q -m "not integration"
 
 test-fast: setup  ## the quick loop: no lab, no slow scenarios
 	$(PYTEST) -q -m "not lab and not slow and not integration"
 
+test-integration: setup  ## opt-in end-to-end test on a real DigitalOcean account (needs DIGITALOCEAN_TOKEN, pulumi)
+	$(PYTEST) -q -m integration tests/integration
+
 plan: setup  ## offline plan of STACK (default prod) under mocks: plan/$(STACK).txt, no credentials needed
 	$(PY) scripts/plan.py --stack $(STACK) --out plan/$(STACK).txt
 
-demo: setup setup-lab  ## the pair failing over in the lab on this machine (root; no cloud account)
+demo: setup-lab setup  ## the pair failing over in the lab on this machine (root; no cloud account)
 	$(PY) -m tests.lab demo
 
-drill: setup setup-lab  ## failover drill (PROFILE=fast|tutorial, RUNS=3): drill-report.json and a table
+drill: setup-lab setup  ## failover drill (PROFILE=fast|tutorial, RUNS=3): drill-report.json and a table
 	$(PY) -m tests.lab drill --profile $(PROFILE) --runs $(RUNS) --report drill-report.json
 
 lab-down:  ## tear the lab down if a run was interrupted
