@@ -1,0 +1,210 @@
+"""Drill scenarios for planned switchovers and rolling updates, run with the real tool over real SSH.
+
+Each scenario runs `scripts/rollout.py` in the lab's client namespace, exactly as an operator runs
+it from a laptop: the lab's stack outputs file, the lab's deploy key and known_hosts, SSH from the
+admin address to the sshd in each node, `sudo -n mt-deploy` there, the fake DigitalOcean API for
+the reserved IP's holder, and the token in DIGITALOCEAN_TOKEN (never on a command line). Traffic
+runs through the reserved IP at RATE requests/s the whole time.
+
+- `planned-switchover`: the reserved IP moves to the standby and stays there. 0 failed requests.
+- `rolling-update`: both nodes move to the next version (v1 -> v2 ...), standby first. 0 failed;
+  the tool's duration <= both nodes' deploy+health times (from its own report) + 10 s.
+- `rolling-update-bad-version`: a version that never becomes healthy (`bad-...`, 503 forever).
+  The tool exits non-zero, the standby is rolled back, the active is never touched, no request
+  through the reserved IP is answered by the bad version, 0 failed.
+
+Each returns the drill's report entry: name, passed, requests, failed, versions_before/after
+(per node), duration_s, exit_code, summary, plus the per-run details. The lab is left on the last
+version that rolled out (rolling-update moves it forward; the bad version leaves it as it was).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.lab import traffic
+from tests.lab.drill import Traffic, peer, scenario
+from tests.lab.lab import ADMIN_ADDR, API_ADDR, API_PORT, LAB_ROOT, NODES, REPO, Lab, LabError, ns
+
+TOOL = REPO / "scripts" / "rollout.py"
+RATE = 60                       # requests/s through the reserved IP (target: at least 50)
+OVERHEAD_TARGET_S = 10.0        # a rollout may take both nodes' deploy+health times plus this
+SWITCHOVER_TARGET_S = 10.0      # a planned switchover: the standby's settle check, the move, the undrain
+BAD_HEALTH_TIMEOUT_S = 15.0     # how long the bad version gets to become healthy (it never does)
+TOOL_TIMEOUT_S = 600.0
+
+
+def versions(lab: Lab) -> dict[str, str | None]:
+    nodes = lab.status()["nodes"]
+    return {n: nodes[n]["app_version"] for n in NODES}
+
+
+def next_version(current: dict[str, str | None]) -> str:
+    numbers = [int(m.group(1)) for v in current.values() if v and (m := re.fullmatch(r"v(\d+)", v))]
+    return f"v{max(numbers, default=1) + 1}"
+
+
+def ssh_leftovers(lab: Lab) -> list[str]:
+    """Processes still using the lab's deploy key (an SSH master the tool failed to end)."""
+    key = str(lab.ssh_dir / "id_ed25519")
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if key in cmdline and cmdline.startswith("ssh"):
+            found.append(f"{pid}: {cmdline.strip()}")
+    return found
+
+
+def run_tool(lab: Lab, workdir: Path, tag: str, args: list[str]) -> tuple[int, str, dict]:
+    """scripts/rollout.py in the client namespace, as an operator runs it; (exit code, log, its report)."""
+    import json
+
+    report_file = workdir / f"{tag}-tool.json"
+    report_file.unlink(missing_ok=True)
+    argv = ["ip", "netns", "exec", ns("client"), sys.executable, str(TOOL), *args,
+            "--outputs", str(lab.outputs_file), "--identity", str(lab.ssh_dir / "id_ed25519"),
+            "--known-hosts", str(lab.ssh_dir / "known_hosts"), "--ssh-option", f"BindAddress={ADMIN_ADDR}",
+            "--remote-root", f"{LAB_ROOT}/{{node}}", "--api-url", f"http://{API_ADDR}:{API_PORT}",
+            "--report", str(report_file)]
+    token = Path(lab.state["token_file"]).read_text().strip()
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8",
+           "HOME": os.environ.get("HOME", "/root"), "DIGITALOCEAN_TOKEN": token}
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S,
+                          stdin=subprocess.DEVNULL)
+    log = proc.stdout + proc.stderr
+    (workdir / f"{tag}-tool.log").write_text(log)
+    if token in log or any(token in a for a in argv):
+        raise LabError(f"{tag}: the API token appeared in the tool's output or command line")
+    report = json.loads(report_file.read_text()) if report_file.exists() else {}
+    return proc.returncode, log, report
+
+
+def one_run(lab: Lab, workdir: Path, tag: str, args: list[str]) -> dict:
+    """Steady traffic, the tool, steady traffic: what a client saw, what the tool said."""
+    lab.wait_steady(timeout=30)
+    before, holder_before = versions(lab), lab.holder()
+    gen = Traffic(lab, workdir / f"{tag}.jsonl", rate=RATE).start()
+    time.sleep(1.0)
+    t_start = time.time()
+    try:
+        code, log, report = run_tool(lab, workdir, tag, args)
+        t_end = time.time()
+        time.sleep(1.0)
+    finally:
+        records = gen.stop()
+    window = [r for r in records if r.get("op") != "register"]
+    bad = traffic.failed(window)
+    span = (max(r["t"] for r in window) - min(r["t"] for r in window)) if len(window) > 1 else 0.0
+    return {
+        "exit_code": code, "requests": len(window), "failed": len(bad),
+        "rate_rps": round(len(window) / span, 1) if span else 0.0,
+        "versions_before": before, "versions_after": versions(lab),
+        "holder_before": holder_before, "holder_after": lab.holder(),
+        "served_before": traffic.versions_seen(window, until=t_start, ok_only=True),
+        "served_during": traffic.versions_seen(window, since=t_start, until=t_end),
+        "served_after": traffic.versions_seen(window, since=t_end, ok_only=True),
+        "served_by_after": traffic.served_by_counts([r for r in window if r["t"] >= t_end], ok_only=True),
+        "duration_s": report.get("duration_s"), "deploy_health_s": report.get("deploy_health_s", {}),
+        "tool_outcome": report.get("outcome"), "tool_message": report.get("message", ""),
+        "ssh_leftovers": ssh_leftovers(lab),
+        "failed_examples": [{k: r.get(k) for k in ("t", "status", "error", "served_by", "version")} for r in bad[:5]],
+        "log_tail": log.strip().splitlines()[-6:],
+        "_records": window,
+    }
+
+
+def entry(name: str, runs: list[dict], checks: dict[str, bool], summary: str, **extra: object) -> dict:
+    for r in runs:
+        r.pop("_records", None)
+    return {
+        "name": name, "passed": all(checks.values()), "checks": checks,
+        "requests": sum(r["requests"] for r in runs), "failed": sum(r["failed"] for r in runs),
+        "versions_before": runs[0]["versions_before"], "versions_after": runs[-1]["versions_after"],
+        "duration_s": max((r["duration_s"] or 0.0) for r in runs),
+        "exit_code": runs[-1]["exit_code"], "rate_rps": min(r["rate_rps"] for r in runs),
+        "summary": summary, "runs": runs, **extra,
+    }
+
+
+@scenario("planned-switchover")
+def planned_switchover(lab: Lab, workdir: Path, runs: int) -> dict:
+    results = [one_run(lab, workdir, f"planned-switchover-{i}", ["switchover"]) for i in range(runs)]
+    checks = {
+        "exit 0": all(r["exit_code"] == 0 for r in results),
+        "0 failed": all(r["failed"] == 0 for r in results),
+        f"at least 50 req/s (ran {RATE})": all(r["rate_rps"] >= 50 for r in results),
+        "reserved IP moved to the other node": all(r["holder_after"] == peer(r["holder_before"]) for r in results),
+        "served by the other node afterwards": all(set(r["served_by_after"]) == {r["holder_after"]} for r in results),
+        "versions unchanged": all(r["versions_after"] == r["versions_before"] for r in results),
+        f"duration <= {SWITCHOVER_TARGET_S:g} s": all((r["duration_s"] or 1e9) <= SWITCHOVER_TARGET_S for r in results),
+        "no SSH process left": all(not r["ssh_leftovers"] for r in results),
+    }
+    last = results[-1]
+    summary = (f"{last['holder_before']} -> {last['holder_after']} in {last['duration_s']} s, "
+               f"failed {sum(r['failed'] for r in results)}")
+    return entry("planned-switchover", results, checks, summary, target_s=SWITCHOVER_TARGET_S)
+
+
+@scenario("rolling-update")
+def rolling_update(lab: Lab, workdir: Path, runs: int) -> dict:
+    results = []
+    for i in range(runs):
+        version = next_version(versions(lab))
+        r = one_run(lab, workdir, f"rolling-update-{i}", ["rollout", "--version", version])
+        r["version"] = version
+        r["target_s"] = round(sum(r["deploy_health_s"].values()) + OVERHEAD_TARGET_S, 3)
+        results.append(r)
+    checks = {
+        "exit 0": all(r["exit_code"] == 0 for r in results),
+        "0 failed": all(r["failed"] == 0 for r in results),
+        f"at least 50 req/s (ran {RATE})": all(r["rate_rps"] >= 50 for r in results),
+        "both nodes on the new version": all(set(r["versions_after"].values()) == {r["version"]} for r in results),
+        "clients get only the new version afterwards": all(set(r["served_after"]) == {r["version"]} for r in results),
+        "both nodes were deployed and measured": all(len(r["deploy_health_s"]) == 2 for r in results),
+        "reserved IP on the former standby": all(r["holder_after"] == peer(r["holder_before"]) for r in results),
+        "duration <= deploy+health of both + 10 s": all((r["duration_s"] or 1e9) <= r["target_s"] for r in results),
+        "no SSH process left": all(not r["ssh_leftovers"] for r in results),
+    }
+    last = results[-1]
+    summary = (f"{sorted(set(last['versions_before'].values()))} -> {last['version']} in {last['duration_s']} s "
+               f"(target {last['target_s']} s: deploy+health {last['deploy_health_s']} + {OVERHEAD_TARGET_S:g}), "
+               f"failed {sum(r['failed'] for r in results)}")
+    return entry("rolling-update", results, checks, summary, target_s=last["target_s"],
+                 deploy_health_s=last["deploy_health_s"])
+
+
+@scenario("rolling-update-bad-version")
+def rolling_update_bad_version(lab: Lab, workdir: Path, runs: int) -> dict:
+    results = []
+    for i in range(runs):
+        version = "bad-" + next_version(versions(lab))
+        r = one_run(lab, workdir, f"rolling-update-bad-version-{i}",
+                    ["rollout", "--version", version, "--health-timeout", str(BAD_HEALTH_TIMEOUT_S)])
+        r["version"] = version
+        r["bad_version_served"] = sum(1 for rec in r["_records"] if rec.get("version") == version)
+        results.append(r)
+    checks = {
+        "tool exited non-zero": all(r["exit_code"] not in (0, None) for r in results),
+        "0 failed": all(r["failed"] == 0 for r in results),
+        f"at least 50 req/s (ran {RATE})": all(r["rate_rps"] >= 50 for r in results),
+        "bad version never served through the reserved IP": all(r["bad_version_served"] == 0 for r in results),
+        "reserved IP never left the active node": all(
+            r["holder_after"] == r["holder_before"] and set(r["served_by_after"]) == {r["holder_before"]}
+            for r in results),
+        "standby rolled back (versions as before)": all(r["versions_after"] == r["versions_before"] for r in results),
+        "no SSH process left": all(not r["ssh_leftovers"] for r in results),
+    }
+    last = results[-1]
+    summary = (f"{last['version']} refused: exit {last['exit_code']} after {last['duration_s']} s, served "
+               f"{last['bad_version_served']} times, failed {sum(r['failed'] for r in results)}")
+    return entry("rolling-update-bad-version", results, checks, summary,
+                 bad_version_served=sum(r["bad_version_served"] for r in results),
+                 health_timeout_s=BAD_HEALTH_TIMEOUT_S)

@@ -1,0 +1,129 @@
+"""Planned switchover and rolling updates, for real in the lab: the tool over SSH, under traffic.
+
+One drill run (`python -m tests.lab drill --scenarios planned-switchover,rolling-update,
+rolling-update-bad-version --runs 1`) in its own lab root and namespace prefix, so it never meets
+another lab on this machine; the drill tears the lab down even when a scenario fails. Each test
+asserts one target on the report:
+- 0 failed requests in all three, under at least 50 requests/s through the reserved IP;
+- the versions before and after (fresh lab: v1 everywhere; v2 after the rolling update; the bad
+  version changes nothing);
+- the bad version never answers a request through the reserved IP and the tool exits non-zero;
+- a rollout takes no longer than both nodes' deploy+health times (from the tool's own report) + 10 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.needs import need
+
+pytestmark = pytest.mark.lab
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TEST_ENV = {"LAB_ROOT": "/run/mtha-lab-rollout", "LAB_PREFIX": "mthar"}
+SCENARIOS = ("planned-switchover", "rolling-update", "rolling-update-bad-version")
+REQUIRED_FIELDS = {"name", "passed", "requests", "failed", "versions_before", "versions_after", "duration_s",
+                   "exit_code", "summary"}
+
+
+def lab_missing() -> str | None:
+    from tests.lab.lab import missing
+
+    return missing()
+
+
+def lab_leftovers() -> list[str]:
+    """Anything this lab left behind: namespaces with its prefix, its root, processes naming it."""
+    found = [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+             if n.startswith(TEST_ENV["LAB_PREFIX"] + "-")]
+    if os.path.exists(TEST_ENV["LAB_ROOT"]):
+        found.append(TEST_ENV["LAB_ROOT"])
+    procs = subprocess.run(["pgrep", "-af", TEST_ENV["LAB_ROOT"]], capture_output=True, text=True).stdout
+    found += [ln for ln in procs.splitlines() if "pgrep" not in ln and "pytest" not in ln]
+    if os.path.exists(f"/etc/sudoers.d/{TEST_ENV['LAB_PREFIX']}-lab"):
+        found.append(f"/etc/sudoers.d/{TEST_ENV['LAB_PREFIX']}-lab")
+    return found
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    need(lab_missing())
+    path = tmp_path_factory.mktemp("rollout-drill") / "drill-report.json"
+    env = {**os.environ, **TEST_ENV, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "tests.lab", "drill", "--scenarios", ",".join(SCENARIOS), "--runs", "1",
+                           "--steady-s", "0", "--report", str(path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert path.exists(), f"drill wrote no report (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    data = json.loads(path.read_text())
+    data["_stdout"], data["_returncode"] = proc.stdout, proc.returncode
+    return data
+
+
+def scenario(report: dict, name: str) -> dict:
+    return next(s for s in report["scenarios"] if s["name"] == name)
+
+
+def test_the_report_has_the_three_scenarios_and_the_drill_passed(report):
+    assert [s["name"] for s in report["scenarios"]] == list(SCENARIOS)
+    for s in report["scenarios"]:
+        assert set(s) >= REQUIRED_FIELDS, s.keys()
+        assert s["name"] in report["_stdout"]                    # the printed table lists it
+    assert report["_returncode"] == 0 and report["passed"], [s.get("checks") for s in report["scenarios"]]
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_no_request_fails_under_at_least_50_requests_per_second(report, name):
+    s = scenario(report, name)
+    assert s["failed"] == 0, s["runs"][0]["failed_examples"]
+    assert s["rate_rps"] >= 50 and s["requests"] >= 50 * 5, s   # real, sustained traffic
+
+
+def test_a_planned_switchover_moves_the_reserved_ip_to_the_standby_and_changes_no_version(report):
+    s = scenario(report, "planned-switchover")
+    run = s["runs"][0]
+    assert s["exit_code"] == 0
+    assert {run["holder_before"], run["holder_after"]} == {"primary", "standby"}
+    assert set(run["served_by_after"]) == {run["holder_after"]}
+    assert s["versions_before"] == s["versions_after"] == {"primary": "v1", "standby": "v1"}
+    assert s["duration_s"] <= 10.0, s
+
+
+def test_a_rolling_update_moves_both_nodes_to_the_new_version(report):
+    s = scenario(report, "rolling-update")
+    run = s["runs"][0]
+    assert s["exit_code"] == 0, run["log_tail"]
+    assert s["versions_before"] == {"primary": "v1", "standby": "v1"}
+    assert s["versions_after"] == {"primary": "v2", "standby": "v2"}
+    assert set(run["served_before"]) == {"v1"} and set(run["served_after"]) == {"v2"}
+    assert run["holder_after"] != run["holder_before"]         # the updated standby took over, and kept it
+
+
+def test_a_rolling_update_takes_no_longer_than_both_deploys_plus_health_plus_10_s(report):
+    s = scenario(report, "rolling-update")
+    measured = s["deploy_health_s"]                             # from the tool's own report, per node
+    assert set(measured) == {"primary", "standby"} and all(0 < v < 300 for v in measured.values()), measured
+    assert s["duration_s"] <= sum(measured.values()) + 10.0, s["summary"]
+
+
+def test_a_version_that_never_becomes_healthy_never_serves_and_the_tool_fails(report):
+    s = scenario(report, "rolling-update-bad-version")
+    run = s["runs"][0]
+    assert s["exit_code"] == 1, run["log_tail"]                 # failed and rolled back: not degraded
+    assert s["bad_version_served"] == 0
+    assert run["holder_after"] == run["holder_before"]          # traffic never left the active node
+    assert s["versions_after"] == s["versions_before"] == {"primary": "v2", "standby": "v2"}
+    assert "never became healthy" in run["tool_message"]
+
+
+def test_no_ssh_connection_outlives_the_tool_and_keepalived_logged_no_script_problems(report):
+    assert all(not r["ssh_leftovers"] for s in report["scenarios"] for r in s["runs"])
+    assert report["keepalived_log_clean"], report["keepalived_log_findings"]
+
+
+def test_the_drill_tore_the_lab_down(report):
+    assert lab_leftovers() == []

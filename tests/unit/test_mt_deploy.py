@@ -1,0 +1,284 @@
+"""scripts/mt-deploy: the node side of a rollout, installed under a tmp_path root as on a droplet.
+
+Each test installs the script (and mt-health, which `status` runs) at
+<root>/usr/libexec/minitwit-ha/, writes the node's health.env and failover.env under
+<root>/etc/minitwit-ha/ and points DOCKER at a stub that records every call (its arguments, the
+MINITWIT_VERSION it was given in the environment, and the app's .env as it was at that moment).
+The script runs by its installed path with a bare environment, as `sudo -n` runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "scripts"
+
+STUB = r'''#!/usr/bin/env python3
+import json, os, sys
+control = json.load(open(CONTROL))
+args = sys.argv[1:]
+app_dir = os.path.dirname(args[args.index("-f") + 1])
+try:
+    dotenv = open(os.path.join(app_dir, ".env")).read()
+except FileNotFoundError:
+    dotenv = None
+call = args[5] if len(args) > 5 else "?"
+with open(LOG, "a") as f:
+    f.write(json.dumps({"args": args[5:], "env_version": os.environ.get("MINITWIT_VERSION"), "dotenv": dotenv}) + "\n")
+if call == "config":
+    print("minitwit")
+elif call == "ps":
+    print("minitwit" if control.get("running", True) else "")
+if control.get("fail") == call:
+    print("Error response from daemon: manifest for registry/minitwit:nope not found", file=sys.stderr)
+    sys.exit(18)
+'''
+
+
+class App(BaseHTTPRequestHandler):
+    status = 200
+    version = "v1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.send_response(App.status)
+        self.send_header("X-App-Version", App.version)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+@pytest.fixture
+def app():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), App)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    App.status, App.version = 200, "v1"
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+class Node:
+    def __init__(self, root: Path, health_url: str) -> None:
+        self.root = root
+        libexec = root / "usr/libexec/minitwit-ha"
+        libexec.mkdir(parents=True)
+        for name in ("mt-deploy", "mt-health"):
+            shutil.copy2(SCRIPTS / name, libexec / name)
+        self.script = libexec / "mt-deploy"
+        self.app_dir = root / "srv/minitwit"
+        self.app_dir.mkdir(parents=True)
+        (self.app_dir / "compose.yaml").write_text("services:\n  minitwit:\n    image: x:${MINITWIT_VERSION}\n")
+        self.dotenv = self.app_dir / ".env"
+        self.dotenv.write_text("MINITWIT_IMAGE=registry.example/minitwit\nMINITWIT_VERSION=v1\n")
+        self.flag = root / "var/lib/minitwit-ha/maintenance"
+        self.lib = root / "var/lib/minitwit-ha"
+        self.state = root / "run/minitwit-ha"
+        self.control = root / "stub.json"
+        self.log = root / "docker.log"
+        self.set_stub()
+        docker = root / "bin/docker"
+        docker.parent.mkdir()
+        docker.write_text(f"#!{sys.executable}\nCONTROL = {str(self.control)!r}\nLOG = {str(self.log)!r}\n"
+                          + STUB.split("\n", 1)[1])
+        docker.chmod(0o755)
+        etc = root / "etc/minitwit-ha"
+        etc.mkdir(parents=True)
+        (etc / "health.env").write_text(
+            f"HEALTH_URL={health_url}\nHEALTH_TIMEOUT_S=2\nCOMPOSE_FILE={self.app_dir}/compose.yaml\n"
+            f"COMPOSE_PROJECT=minitwit\nDOCKER={docker}\nMAINTENANCE_FLAG={self.flag}\n"
+            f"TRACK_FILE={root}/run/minitwit-ha-health/status\n")
+        (etc / "failover.env").write_text(
+            f"NODE_NAME=primary\nSTATE_DIR={self.state}\nLOG_DIR={self.lib}\nKEEPALIVED_PIDFILE={root}/run/keepalived.pid\n")
+
+    def set_stub(self, **control: object) -> None:
+        self.control.write_text(json.dumps(control))
+
+    def calls(self) -> list[dict]:
+        return [json.loads(ln) for ln in self.log.read_text().splitlines()] if self.log.exists() else []
+
+    def run(self, *args: str, script: Path | None = None) -> subprocess.CompletedProcess:
+        env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}  # what sudo leaves: no settings
+        return subprocess.run([str(script or self.script), *args], env=env, capture_output=True, text=True, timeout=30)
+
+    def json(self, *args: str) -> tuple[int, dict]:
+        proc = self.run(*args)
+        return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
+
+
+@pytest.fixture
+def node(tmp_path, app):
+    return Node(tmp_path / "node", f"http://127.0.0.1:{app.server_address[1]}/latest")
+
+
+# ------------------------------------------------------------------------------------------------
+# deploy
+
+
+def test_deploy_pulls_the_new_tag_first_then_swaps_the_env_file_atomically_then_recreates(node):
+    inode = node.dotenv.stat().st_ino
+    code, out = node.json("deploy", "v2")
+    assert code == 0
+    assert out["deployed"] == "v2" and out["previous"] == "v1" and out["node"] == "primary"
+    pull, up = node.calls()
+    # The pull sees the new tag from the environment while .env still names the old one: a failed
+    # pull changes nothing.
+    assert pull["args"] == ["pull", "--quiet"] and pull["env_version"] == "v2" and "MINITWIT_VERSION=v1" in pull["dotenv"]
+    assert up["args"] == ["up", "-d", "--remove-orphans"] and "MINITWIT_VERSION=v2" in up["dotenv"]
+    assert node.dotenv.read_text() == "MINITWIT_IMAGE=registry.example/minitwit\nMINITWIT_VERSION=v2\n"
+    assert node.dotenv.stat().st_ino != inode                    # replaced by rename, never rewritten in place
+    assert oct(node.dotenv.stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in node.app_dir.iterdir()) == [".env", "compose.yaml"]  # no temp file left
+
+
+def test_deploy_creates_the_env_file_when_there_is_none(node):
+    node.dotenv.unlink()
+    code, out = node.json("deploy", "2026.11.25-abc123")
+    assert code == 0 and out["previous"] is None
+    assert node.dotenv.read_text() == "MINITWIT_VERSION=2026.11.25-abc123\n"
+
+
+def test_a_failed_pull_changes_nothing(node):
+    node.set_stub(fail="pull")
+    proc = node.run("deploy", "nope")
+    assert proc.returncode == 5
+    assert "pull failed (exit 18): Error response from daemon: manifest for registry/minitwit:nope not found" in proc.stderr
+    assert "MINITWIT_VERSION=v1" in node.dotenv.read_text()
+    assert [c["args"][0] for c in node.calls()] == ["pull"]
+
+
+def test_a_failed_up_is_exit_5_with_dockers_message(node):
+    node.set_stub(fail="up")
+    proc = node.run("deploy", "v2")
+    assert proc.returncode == 5 and "docker compose up failed" in proc.stderr
+
+
+@pytest.mark.parametrize("version", ["", "v2 v3", "v2;reboot", "../v2", "-v2", ".v2", "x" * 129, "v2\n"])
+def test_deploy_refuses_anything_but_a_docker_tag(node, version):
+    proc = node.run("deploy", version)
+    assert proc.returncode == 2 and "invalid VERSION" in proc.stderr
+    assert node.calls() == [] and "MINITWIT_VERSION=v1" in node.dotenv.read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# drain, undrain, status
+
+
+def test_drain_and_undrain_are_idempotent_and_status_shows_the_flag(node):
+    for _ in range(2):
+        assert node.run("drain", "ci-run-7").returncode == 0
+    assert node.flag.exists() and "ci-run-7" in node.flag.read_text()
+    code, st = node.json("status")
+    assert st["maintenance"] is True and st["healthy"] is False and st["app_health"] == 0  # app fine, node drained
+    for _ in range(2):
+        assert node.run("undrain").returncode == 0
+    assert not node.flag.exists()
+    assert node.json("status")[1]["healthy"] is True
+
+
+def test_status_reports_versions_health_and_vrrp_state(node, app):
+    App.version = "v7"
+    node.state.mkdir(parents=True)
+    (node.state / "vrrp-state").write_text(json.dumps({"state": "BACKUP", "since": 1234.5}))
+    code, st = node.json("status")
+    assert code == 0
+    assert st["node"] == "primary" and st["vrrp_state"] == "BACKUP" and st["vrrp_since"] == 1234.5
+    assert st["configured_version"] == "v1" and st["running_version"] == "v7" and st["http_status"] == 200
+    assert st["healthy"] is True and st["app_health"] == 0 and st["lock"] is None
+    assert st["keepalived_running"] is False            # the pidfile names no keepalived
+
+
+def test_status_sees_a_failing_app_a_stopped_service_and_a_stale_master(node, app):
+    App.status = 503
+    node.state.mkdir(parents=True)
+    (node.state / "vrrp-state").write_text(json.dumps({"state": "MASTER", "since": 1.0}))
+    code, st = node.json("status")
+    assert st["app_health"] == 1 and st["healthy"] is False and st["http_status"] == 503
+    assert st["vrrp_state"] == "STALE"                   # recorded MASTER, keepalived not running
+    App.status = 200
+    node.set_stub(running=False)
+    assert node.json("status")[1]["app_health"] == 2     # compose service not running
+
+
+def test_status_without_any_vrrp_state_is_unknown_and_an_app_that_does_not_answer_has_no_version(node, app):
+    health = node.root / "etc/minitwit-ha/health.env"
+    health.write_text(health.read_text().replace(f":{app.server_address[1]}/", ":9/"))
+    code, st = node.json("status")
+    assert code == 0 and st["vrrp_state"] == "UNKNOWN"
+    assert st["running_version"] is None and st["http_status"] is None and st["app_health"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# the rollout lock
+
+
+def test_the_lock_has_one_owner_at_a_time_and_says_who(node):
+    assert node.run("lock", "laptop:alice:1").returncode == 0
+    proc = node.run("lock", "gha-run-42")
+    assert proc.returncode == 3
+    assert json.loads(proc.stdout)["holder"]["owner"] == "laptop:alice:1"
+    assert node.run("lock", "laptop:alice:1").returncode == 0            # the owner refreshes it
+    assert node.run("unlock", "gha-run-42").returncode == 3              # not yours
+    assert node.json("status")[1]["lock"]["owner"] == "laptop:alice:1"
+    assert node.run("unlock", "laptop:alice:1").returncode == 0
+    assert node.run("unlock", "laptop:alice:1").returncode == 0          # nothing held: fine
+    assert node.run("lock", "gha-run-42").returncode == 0
+
+
+def test_a_stale_lock_is_taken_over_and_a_live_one_only_with_force(node):
+    node.lib.mkdir(parents=True)
+    (node.lib / "rollout.lock").write_text(json.dumps({"owner": "dead-run", "since": time.time() - 120, "ttl_s": 60}))
+    code, out = node.json("lock", "new-run", "--ttl", "600")
+    assert code == 0 and out["previous"] == "dead-run"
+    assert node.run("unlock", "someone-else").returncode == 3
+    assert node.run("unlock", "someone-else", "--force").returncode == 0
+    assert not (node.lib / "rollout.lock").exists()
+
+
+def test_concurrent_lockers_get_exactly_one_winner(node):
+    procs = [subprocess.Popen([str(node.script), "lock", f"run-{i}"], env={"PATH": "/usr/bin:/bin"},
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for i in range(6)]
+    codes = [p.wait(timeout=30) for p in procs]
+    for p in procs:
+        p.stdout.close()
+    assert sorted(codes) == [0, 3, 3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("owner", ["", "a b", "x;y", "o" * 129])
+def test_lock_owner_is_validated(node, owner):
+    assert node.run("lock", owner).returncode == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration and usage
+
+
+def test_it_must_run_from_its_installed_path(node):
+    proc = node.run("status", script=SCRIPTS / "mt-deploy")
+    assert proc.returncode == 4 and "run the installed copy" in proc.stderr
+
+
+def test_a_missing_env_file_is_a_configuration_error(node):
+    os.unlink(node.root / "etc/minitwit-ha/health.env")
+    proc = node.run("status")
+    assert proc.returncode == 4 and "health.env not found" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["frobnicate"], ["deploy"], ["deploy", "v1", "v2"], ["lock"], ["status", "x"]])
+def test_usage_errors_exit_2(node, args):
+    proc = node.run(*args)
+    assert proc.returncode == 2 and "usage: mt-deploy" in proc.stderr
