@@ -659,7 +659,12 @@ class Lab:
         if sudoers:
             Path(sudoers).unlink(missing_ok=True)
         if self.state.get("created_user"):
-            sh("userdel", self.state["created_user"], check=False)
+            # Another lab on this machine (other LAB_PREFIX) may be using the same user right now.
+            others = [p for p in LAB_ROOT.parent.glob("*/state.json") if p.parent != LAB_ROOT]
+            if others:
+                notes.append(f"left user {self.state['created_user']}: in use by {others[0].parent}")
+            else:
+                sh("userdel", self.state["created_user"], check=False)
         for name in reversed(self.state.get("namespaces", [])):
             if sh("ip", "netns", "del", name, check=False).returncode != 0:
                 notes.append(f"could not delete namespace {name}")

@@ -8,71 +8,28 @@ disturbed, and it is torn down by the drill even when a scenario fails.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.lab.conftest import (
+    SENTINEL_DB_PASSWORD,
+    SENTINEL_TOKEN,
+    lab_leftovers,
+    lab_missing,
+    run_lab,
+    scenario,
+)
 from tests.support.needs import need
 
 pytestmark = pytest.mark.lab
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TEST_ENV = {"LAB_ROOT": "/run/mtha-lab-test", "LAB_PREFIX": "mthat"}
-# Sentinel secrets planted in the lab: the audit must find them nowhere but their 0600 homes.
-SENTINEL_TOKEN = "dop_v1_" + "5e" * 32
-SENTINEL_DB_PASSWORD = "SENTINEL-lab-db-password-4b1d"
 FAILOVER_TARGETS = {"app-crash": 1.5, "keepalived-stop": 1.5, "node-down": 2.0, "api-flaky": 5.0}
 SETTLE_TARGETS = {"split-brain": 3.0, "restart-both": 3.0}
 
 
-def lab_missing() -> str | None:
-    from tests.lab.lab import missing
-
-    return missing()
-
-
-def run_lab(*args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **TEST_ENV, "PYTHONPATH": ROOT, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "tests.lab", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def lab_leftovers() -> list[str]:
-    """Anything the test lab left behind: namespaces with its prefix, its root, its processes."""
-    found = [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-             if n.startswith(TEST_ENV["LAB_PREFIX"] + "-")]
-    if os.path.exists(TEST_ENV["LAB_ROOT"]):
-        found.append(TEST_ENV["LAB_ROOT"])
-    procs = subprocess.run(["pgrep", "-af", TEST_ENV["LAB_ROOT"]], capture_output=True, text=True).stdout
-    found += [ln for ln in procs.splitlines() if "pgrep" not in ln and "pytest" not in ln]
-    return found
-
-
-def _steady_wanted(session) -> bool:
-    """Run the five-minute steady check in the same lab only when its (slow) test is selected."""
-    return any(item.get_closest_marker("slow") and "report" in getattr(item, "fixturenames", ())
-               for item in session.items)
-
-
-@pytest.fixture(scope="module")
-def report(request, tmp_path_factory):
-    need(lab_missing())
-    path = tmp_path_factory.mktemp("drill") / "drill-report.json"
-    steady = "300" if _steady_wanted(request.session) else "0"
-    proc = run_lab("drill", "--runs", "3", "--steady-s", steady, "--report", str(path),
-                   env={"LAB_TOKEN": SENTINEL_TOKEN, "LAB_DB_PASSWORD": SENTINEL_DB_PASSWORD})
-    assert path.exists(), f"drill wrote no report:\n{proc.stdout}\n{proc.stderr}"
-    data = json.loads(path.read_text())
-    data["_stdout"] = proc.stdout
-    data["_stderr"] = proc.stderr
-    data["_raw"] = path.read_text()
-    return data
-
-
-def scenario(report: dict, name: str) -> dict:
-    return next(s for s in report["scenarios"] if s["name"] == name)
+@pytest.fixture
+def report(drill_report):
+    return drill_report
 
 
 def test_report_shape(report):
