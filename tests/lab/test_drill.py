@@ -62,8 +62,10 @@ def test_exactly_one_master_holding_the_ip_within_target(report, name):
 
 
 def test_no_rows_lost_anywhere(report):
-    assert {s["name"]: s["rows_lost"] for s in report["scenarios"]} == {s["name"]: 0 for s in report["scenarios"]}
-    assert all(s["requests"] > 100 for s in report["scenarios"])  # there was real traffic to lose
+    lost = {s["name"]: s["rows_lost"] for s in report["scenarios"] if "rows_lost" in s}
+    assert set(FAILOVER_TARGETS) | set(SETTLE_TARGETS) <= set(lost)
+    assert lost == {name: 0 for name in lost}
+    assert all(s["requests"] > 100 for s in report["scenarios"] if "rows_lost" in s)  # real traffic to lose
 
 
 def test_split_brain_costs_no_requests(report):
