@@ -43,10 +43,11 @@ lint: setup  ## ruff and shellcheck
 	shellcheck $(SHELL_SCRIPTS)
 
 test: setup-lab setup lint  ## everything: lint, unit, stack (mocks), database, lab and drill scenarios
-	$(PYTEST) -q -m "not integration"
+	$(PYTEST) -q -n 2 -m "not lab and not integration"
+	$(PYTEST) -q -m "lab and not integration"
 
 test-fast: setup  ## the quick loop: no lab, no slow scenarios
-	$(PYTEST) -q -m "not lab and not slow and not integration"
+	$(PYTEST) -q -n 2 -m "not lab and not slow and not integration"
 
 test-integration: setup  ## opt-in end-to-end test on a real DigitalOcean account (needs DIGITALOCEAN_TOKEN, pulumi)
 	$(PYTEST) -q -m integration tests/integration

@@ -613,7 +613,8 @@ def test_reconcile_daemon_reclaims_survives_errors_and_stops_on_sigterm(node: No
         seen = len(holder_gets())
         wait_until(lambda: len(holder_gets()) >= seen + 4)  # several failing passes
         fake.clear_faults()
-        wait_until(lambda: holder_gets()[-1]["status"] == 200)
+        # The recovery is logged after the good answer arrives: wait for the line, not the request.
+        wait_until(lambda: node.log_file.exists() and "API reachable again" in node.log_file.read_text())
         stopped = time.monotonic()
         daemon.send_signal(signal.SIGTERM)
         code, _, err = node.finish(daemon, timeout=5)
