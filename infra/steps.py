@@ -129,12 +129,12 @@ def firewall_command(paths: NodePaths, admin_cidrs: tuple[str, ...]) -> str:
 def keepalived_command(paths: NodePaths) -> str:
     conf = paths.keepalived_conf
     new = f"{conf}.new"
-    ok = " ".join(str(c) for c in KEEPALIVED_T_OK)
+    ok = "|".join(str(c) for c in KEEPALIVED_T_OK)
     return _script(
         EXTRACT,
         "# Check the new file before it replaces the running one.",
         f"out=$(sudo keepalived -t -f {shlex.quote(new)} 2>&1) && rc=0 || rc=$?",
-        "case \" " + ok + " \" in *\" $rc \"*) ;; *) rc=fail ;; esac",
+        f'case "$rc" in {ok}) ;; *) rc=fail ;; esac',
         'if [ "$rc" = fail ] || [ -n "$out" ]; then',
         '  echo "keepalived -t rejected the rendered configuration:" >&2; echo "$out" >&2',
         f"  sudo rm -f {shlex.quote(new)}; exit 1",

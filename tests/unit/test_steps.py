@@ -1,0 +1,195 @@
+"""The provisioning steps' shell, run for real: each step's command with its stdin, against a node
+root in a temporary directory, with stub `sudo`, `systemctl`, `nft`, `docker` and `keepalived`.
+
+Under mocks the stack tests only see these commands as text; here they run, so a quoting slip, a
+wrong mode or a check that lets a broken keepalived.conf through shows up before a droplet does.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from infra import steps
+from infra.node import (
+    STEP_APP,
+    STEP_FAILOVER,
+    STEP_FIREWALL,
+    STEP_KEEPALIVED,
+    NodeFacts,
+    NodePaths,
+    files_for_step,
+    render_node_files,
+)
+from tests.support.needs import need, not_root
+
+STUBS = {
+    # sudo: run the command as we are (root in CI), like passwordless sudo on a droplet.
+    "sudo": '#!/bin/sh\nexec "$@"\n',
+    "systemctl": '#!/bin/sh\necho "systemctl $*" >> "$STUB_LOG"\n'
+                 'if [ "$1" = is-active ]; then [ "${KEEPALIVED_ACTIVE:-no}" = yes ]; exit $?; fi\n',
+    "systemd-tmpfiles": '#!/bin/sh\necho "systemd-tmpfiles $*" >> "$STUB_LOG"\n',
+    "nft": '#!/bin/sh\necho "nft $*" >> "$STUB_LOG"\n',
+    "docker": '#!/bin/sh\necho "docker $*" >> "$STUB_LOG"\n',
+    # keepalived 2.2.7's -t: warnings on stderr, then it kills itself with SIGTERM (exit 143).
+    "keepalived": '#!/bin/bash\necho "keepalived $*" >> "$STUB_LOG"\n'
+                  'grep -q BROKEN "${@: -1}" && echo "(${@: -1}: Line 1) Unknown keyword \'BROKEN\'" >&2\n'
+                  'kill -TERM $$\n',
+}
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    need(not_root())  # the steps chown to root:root, as on a droplet
+    root = tmp_path / "node"
+    root.mkdir(mode=0o755)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name, text in STUBS.items():
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(0o755)
+    paths = NodePaths(root=str(root))
+    facts = NodeFacts(name="primary", droplet_id=1, private_ip="10.110.16.3", peer_private_ip="10.110.16.4",
+                      reserved_ip="203.0.113.10", priority=150, router_id=51, private_interface="eth1",
+                      admin_cidrs=("198.51.100.0/24",), http_ports=(80, 443), health_url="http://127.0.0.1/latest",
+                      paths=paths)
+    files = render_node_files(facts, compose_text="services:\n  minitwit:\n    image: example/minitwit:1\n")
+    log = tmp_path / "stub.log"
+    log.touch()
+
+    class Node:
+        pass
+
+    n = Node()
+    n.root, n.paths, n.files, n.log, n.bindir = root, paths, files, log, bindir
+
+    def run(command: str, stdin: str, **env: str) -> subprocess.CompletedProcess:
+        full = {"PATH": f"{bindir}:/usr/bin:/bin:/usr/sbin:/sbin", "STUB_LOG": str(log),
+                "SSH_CLIENT": "198.51.100.7 50000 22", **env}
+        return subprocess.run(["bash", "-c", command], input=stdin, capture_output=True, text=True, env=full,
+                              timeout=60)
+
+    def calls() -> list[str]:
+        return log.read_text().splitlines()
+
+    n.run, n.calls = run, calls
+    return n
+
+
+def mode(path: str | Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_failover_step_installs_scripts_and_settings_root_owned_and_restarts_the_services(node):
+    files = files_for_step(node.files, STEP_FAILOVER)
+    proc = node.run(steps.failover_command(node.paths), steps.archive_b64(files))
+    assert proc.returncode == 0, proc.stderr
+    for f in files:
+        st = os.stat(f.path)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, f.mode), f.path
+        assert Path(f.path).read_text() == f.content
+    assert mode(node.paths.libexec) == 0o755 and os.stat(node.paths.libexec).st_uid == 0
+    assert "systemctl daemon-reload" in node.calls()
+    assert any(c.startswith("systemctl restart minitwit-ha-healthwatch.service") for c in node.calls())
+
+
+def test_secret_file_is_0600_root_from_stdin_and_never_in_the_command(node):
+    secret = "dop_v1_" + "9" * 64
+    command = steps.secret_file_command(node.paths.token_file)
+    assert secret not in command
+    proc = node.run(command, secret)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(node.paths.token_file).read_text() == secret
+    assert mode(node.paths.token_file) == 0o600 and os.stat(node.paths.token_file).st_uid == 0
+    assert secret not in proc.stdout + proc.stderr
+
+
+def test_keepalived_step_checks_then_replaces_then_reloads(node):
+    files = files_for_step(node.files, STEP_KEEPALIVED)
+    archive = steps.archive_b64(files, steps.keepalived_staging_path(node.paths))
+    proc = node.run(steps.keepalived_command(node.paths), archive, KEEPALIVED_ACTIVE="yes")
+    assert proc.returncode == 0, proc.stderr
+    assert Path(node.paths.keepalived_conf).read_text() == files[0].content
+    assert not Path(node.paths.keepalived_conf + ".new").exists()
+    calls = node.calls()
+    assert calls.index(f"keepalived -t -f {node.paths.keepalived_conf}.new") < calls.index("systemctl reload keepalived")
+    assert "systemctl enable --now keepalived" not in calls  # reload, not restart, when it runs
+
+
+def test_keepalived_step_starts_keepalived_when_it_is_not_running(node):
+    files = files_for_step(node.files, STEP_KEEPALIVED)
+    proc = node.run(steps.keepalived_command(node.paths),
+                    steps.archive_b64(files, steps.keepalived_staging_path(node.paths)), KEEPALIVED_ACTIVE="no")
+    assert proc.returncode == 0, proc.stderr
+    assert "systemctl enable --now keepalived" in node.calls()
+
+
+def test_a_config_keepalived_warns_about_is_never_installed(node):
+    good = files_for_step(node.files, STEP_KEEPALIVED)[0]
+    Path(node.paths.keepalived_conf).parent.mkdir(parents=True, exist_ok=True)
+    Path(node.paths.keepalived_conf).write_text("# the running configuration\n")
+    broken = [type(good)(good.path, good.mode, good.content + "\nBROKEN\n", good.step)]
+    proc = node.run(steps.keepalived_command(node.paths),
+                    steps.archive_b64(broken, steps.keepalived_staging_path(node.paths)), KEEPALIVED_ACTIVE="yes")
+    assert proc.returncode == 1
+    assert "keepalived -t rejected the rendered configuration" in proc.stderr and "BROKEN" in proc.stderr
+    assert Path(node.paths.keepalived_conf).read_text() == "# the running configuration\n"
+    assert not Path(node.paths.keepalived_conf + ".new").exists()
+    assert not [c for c in node.calls() if c.startswith("systemctl reload")]
+
+
+def test_firewall_step_checks_then_applies(node):
+    files = files_for_step(node.files, STEP_FIREWALL)
+    proc = node.run(steps.firewall_command(node.paths, ("198.51.100.0/24",)), steps.archive_b64(files))
+    assert proc.returncode == 0, proc.stderr
+    conf = node.paths.nftables_conf
+    assert node.calls()[:2] == [f"nft -c -f {conf}", f"nft -f {conf}"]
+    assert Path(conf).read_text() == files[0].content
+
+
+def test_firewall_step_refuses_to_lock_out_the_machine_running_it(node):
+    files = files_for_step(node.files, STEP_FIREWALL)
+    proc = node.run(steps.firewall_command(node.paths, ("198.51.100.0/24",)), steps.archive_b64(files),
+                    SSH_CLIENT="203.0.113.50 50000 22")
+    assert proc.returncode != 0
+    assert "203.0.113.50" in proc.stderr and "not in adminCidrs" in proc.stderr
+    assert node.calls() == [] and not Path(node.paths.nftables_conf).exists()
+
+
+def test_app_step_pulls_starts_and_waits_for_health_bounded(node):
+    files = files_for_step(node.files, STEP_APP)
+    health = Path(node.paths.script("mt-health"))
+    health.parent.mkdir(parents=True, exist_ok=True)
+    health.write_text('#!/bin/sh\necho "mt-health $*" >> "$STUB_LOG"\nexit 1\n')  # never healthy
+    health.chmod(0o755)
+    command = steps.app_command(node.paths, "minitwit", health_timeout_s=3)
+    proc = node.run(command, steps.archive_b64(files))
+    assert proc.returncode == 1
+    assert "app not healthy after 3s" in proc.stderr
+    calls = node.calls()
+    assert calls[0].startswith("docker compose -p minitwit -f") and calls[0].endswith("pull --quiet")
+    assert calls[1].endswith("up -d --remove-orphans")
+    assert Path(node.paths.compose_file).read_text() == files[0].content
+    health.write_text('#!/bin/sh\nexit 0\n')
+    assert node.run(command, steps.archive_b64(files)).returncode == 0
+
+
+def test_the_step_scripts_are_shellcheck_clean(tmp_path):
+    from tests.support.needs import missing_binaries
+
+    need(missing_binaries("shellcheck"))
+    paths = NodePaths()
+    for name, text in {
+        "wait": steps.wait_command(), "secret": steps.secret_file_command(paths.token_file),
+        "failover": steps.failover_command(paths), "firewall": steps.firewall_command(paths, ("198.51.100.0/24",)),
+        "keepalived": steps.keepalived_command(paths), "app": steps.app_command(paths, "minitwit"),
+        "registry": steps.registry_login_command("registry.digitalocean.com", "ci"),
+    }.items():
+        script = tmp_path / f"{name}.sh"
+        script.write_text("#!/bin/sh\n" + text)
+        proc = subprocess.run(["shellcheck", "-s", "sh", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{name}:\n{proc.stdout}"
