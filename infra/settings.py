@@ -74,6 +74,15 @@ class ConfigSource(Protocol):
     def keys(self) -> list[str]: ...
 
 
+def config_string(value: Any) -> str:
+    """A value as Pulumi hands config to a program: lists and maps as JSON, booleans as true/false."""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 @dataclass(frozen=True)
 class DictSource:
     """A ConfigSource over plain values (tests, `make plan`). Lists are JSON-encoded like Pulumi does."""
@@ -82,14 +91,7 @@ class DictSource:
     secret_keys: frozenset[str] = frozenset()
 
     def get(self, key: str) -> str | None:
-        if key not in self.values:
-            return None
-        value = self.values[key]
-        if isinstance(value, (list, dict)):
-            return json.dumps(value)
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return str(value)
+        return config_string(self.values[key]) if key in self.values else None
 
     def is_secret(self, key: str) -> bool:
         return key in self.secret_keys
@@ -216,14 +218,9 @@ class _Reader:
     def raw(self, key: str) -> str | None:
         value = self.source.get(key)
         if value is None:
+            # The schema's default, in the form the Pulumi CLI would have passed it.
             default = self.schema[key].default
-            if default is None:
-                return None
-            if isinstance(default, (list, dict)):
-                return json.dumps(default)
-            if isinstance(default, bool):
-                return "true" if default else "false"
-            return str(default)
+            return None if default is None else config_string(default)
         return value
 
     def string(self, key: str) -> str:
