@@ -23,6 +23,15 @@ from infra.node import NodeFile, NodePaths
 KEEPALIVED_T_OK = (0, 143)
 
 
+def _root_owned(name: str, mode: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.mode = mode
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    info.mtime = 0
+    return info
+
+
 def archive_b64(files: list[NodeFile], rename: dict[str, str] | None = None) -> str:
     """A reproducible tar.gz of `files` (root:root, their modes, mtime 0), base64-encoded.
 
@@ -39,23 +48,27 @@ def archive_b64(files: list[NodeFile], rename: dict[str, str] | None = None) -> 
             for i in range(1, len(parts) + 1):
                 dirs.add("/".join(parts[:i]))
         for d in sorted(dirs):
-            info = tarfile.TarInfo(d)
+            info = _root_owned(d, 0o755)
             info.type = tarfile.DIRTYPE
-            info.mode = 0o755
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
-            info.mtime = 0
             tar.addfile(info)
         for f in sorted(files, key=lambda f: f.path):
             data = f.content.encode()
-            info = tarfile.TarInfo(rename.get(f.path, f.path).lstrip("/"))
+            info = _root_owned(rename.get(f.path, f.path).lstrip("/"), f.mode)
             info.size = len(data)
-            info.mode = f.mode
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
-            info.mtime = 0
             tar.addfile(info, io.BytesIO(data))
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def read_archive_b64(text: str) -> dict[str, tuple[int, str]]:
+    """The files in an `archive_b64` archive: absolute path -> (mode, text). Raises on anything else."""
+    files: dict[str, tuple[int, str]] = {}
+    with tarfile.open(fileobj=io.BytesIO(base64.b64decode(text, validate=True)), mode="r:gz") as tar:
+        for member in tar:
+            if member.isfile():
+                extracted = tar.extractfile(member)
+                assert extracted is not None  # noqa: S101 - a regular file always has data
+                files["/" + member.name] = (member.mode, extracted.read().decode())
+    return files
 
 
 EXTRACT = "base64 -d | sudo tar -xzf - -C / --no-overwrite-dir --same-owner --same-permissions"

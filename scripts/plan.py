@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import binascii
 import difflib
 import gc
 import hashlib
-import io
 import logging
 import re
 import sys
@@ -47,6 +45,7 @@ from infra.offline import SECRET_SIG, DoMocks, Recorded, run_offline, unwrap  # 
 from infra.program import component_name, run  # noqa: E402
 from infra.schema import PROJECT  # noqa: E402
 from infra.settings import DictSource, SettingsError, load_settings  # noqa: E402
+from infra.steps import read_archive_b64  # noqa: E402
 
 MASKED = "[secret]"
 NODES = ("primary", "standby")
@@ -320,15 +319,7 @@ def decode_archive(stdin: Any) -> dict[str, tuple[int, str]] | None:
     if not isinstance(stdin, str) or "\n" in stdin.strip():
         return None
     try:
-        data = base64.b64decode(stdin, validate=True)
-        files: dict[str, tuple[int, str]] = {}
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            for member in tar:
-                if member.isfile():
-                    extracted = tar.extractfile(member)
-                    assert extracted is not None  # noqa: S101 - a regular file always has data
-                    files["/" + member.name] = (member.mode, extracted.read().decode())
-        return files
+        return read_archive_b64(stdin)
     except (binascii.Error, tarfile.TarError, OSError, EOFError, UnicodeDecodeError, ValueError):
         return None
 

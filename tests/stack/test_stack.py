@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from infra.offline import unwrap
+from infra.steps import read_archive_b64
 from tests.conftest import (
     PUBLIC_KEY,
     SENTINEL_PRIVATE_KEY,
@@ -31,13 +32,7 @@ NODES = ("primary", "standby")
 
 def archive_files(run, name: str) -> dict[str, tuple[int, str]]:
     """The files a step sends: its stdin is a base64 tar.gz; path -> (mode, text)."""
-    data = base64.b64decode(run.mocks.named(name).plain("stdin"))
-    out = {}
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for member in tar:
-            if member.isfile():
-                out["/" + member.name] = (member.mode, tar.extractfile(member).read().decode())
-    return out
+    return read_archive_b64(run.mocks.named(name).plain("stdin"))
 
 
 def node_file(run, node: str, step: str, path: str) -> str:
