@@ -50,9 +50,9 @@ class DoMocks(pulumi.runtime.Mocks):
 
     vpc_range: str = "10.110.16.0/24"
     reserved_ip: str = "203.0.113.10"
-    reserved_ip_region: str | None = None
     resources: list[Recorded] = field(default_factory=list)
-    calls: list[tuple[str, dict]] = field(default_factory=list)
+    # Each resource's options (parent, depends_on, protect, ...), which the mock monitor never sees.
+    options: dict[str, pulumi.ResourceOptions] = field(default_factory=dict)
 
     def _droplet_index(self, name: str) -> int:
         for i, role in enumerate(("primary", "standby"), start=1):
@@ -78,7 +78,7 @@ class DoMocks(pulumi.runtime.Mocks):
             )
         elif args.typ == "digitalocean:index/reservedIp:ReservedIp":
             rid = args.resource_id or self.reserved_ip
-            outputs.update(ipAddress=rid, region=args.inputs.get("region") or self.reserved_ip_region or "fra1",
+            outputs.update(ipAddress=rid, region=args.inputs.get("region") or "fra1",
                            urn=f"do:floatingip:{rid}")
         elif args.typ == "digitalocean:index/vpc:Vpc":
             rid = "c0ffee00-0000-4000-8000-000000000001"
@@ -98,11 +98,7 @@ class DoMocks(pulumi.runtime.Mocks):
         return [rid, outputs]
 
     def call(self, args: pulumi.runtime.MockCallArgs):
-        self.calls.append((args.token, dict(args.args)))
-        if args.token == "digitalocean:index/getReservedIp:getReservedIp":  # noqa: S105
-            return {"ipAddress": args.args.get("ipAddress"), "region": self.reserved_ip_region or "fra1",
-                    "dropletId": 0, "urn": "do:floatingip:" + str(args.args.get("ipAddress"))}
-        return {}
+        return {}  # the program makes no provider calls (invokes)
 
     # -- queries used by tests and the plan -----------------------------------------------------
     def of_type(self, typ: str) -> list[Recorded]:
@@ -130,8 +126,13 @@ def run_offline(fn, mocks: DoMocks, project: str = "minitwit-ha", stack: str = "
     pulumi.runtime.set_all_config(config or {}, secret_keys or [])
     results: dict[str, Resolved] = {}
 
+    def record_options(args: pulumi.ResourceTransformationArgs):
+        mocks.options[args.name] = args.opts
+        return None  # observe only
+
     @pulumi.runtime.test
     def _program():
+        pulumi.runtime.register_stack_transformation(record_options)
         return _collect_via_outputs(list(fn().items()), results)
 
     _program()

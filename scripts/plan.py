@@ -169,8 +169,7 @@ class _Collect(logging.Handler):
             self.messages.append(f"{record.levelname.lower()}: {record.getMessage()}")
 
 
-def _options(args: pulumi.ResourceTransformationArgs) -> Options:
-    o = args.opts
+def _options(o: pulumi.ResourceOptions) -> Options:
     out = Options(parent=getattr(o.parent, "_name", None) if o.parent is not None else None)
     deps = o.depends_on
     if deps is not None and not isinstance(deps, list):
@@ -199,14 +198,8 @@ def capture(stack: str, values: dict[str, Any], secret_keys: frozenset[str], pro
     # Validate first: the same messages `pulumi up` would print, before anything is declared.
     settings = load_settings(source, stack=stack, project_dir=project_dir)
     mocks = DoMocks(vpc_range=settings.vpc_ip_range)
-    options: dict[str, Options] = {}
-
-    def record(args: pulumi.ResourceTransformationArgs):
-        options[args.name] = _options(args)
-        return None
 
     def program() -> dict[str, Any]:
-        pulumi.runtime.register_stack_transformation(record)
         return run(source, stack=stack, project_dir=project_dir)
 
     collector = _Collect()
@@ -220,6 +213,7 @@ def capture(stack: str, values: dict[str, Any], secret_keys: frozenset[str], pro
         print(f"plan: {message}", file=sys.stderr)
     outputs = {k: v.value for k, v in resolved.items()}
     secret_outputs = {k for k, v in resolved.items() if v.secret}
+    options = {name: _options(opts) for name, opts in mocks.options.items()}
     return Captured(stack, mocks, options, outputs, secret_outputs, sorted(set(collector.messages)))
 
 

@@ -7,7 +7,6 @@ import io
 import re
 import tarfile
 
-import pulumi
 import pytest
 import yaml
 
@@ -228,62 +227,27 @@ def test_changing_a_timing_profile_changes_only_keepalived_and_failover_steps():
                        "minitwit-test-standby-failover", "minitwit-test-standby-keepalived"]
 
 
-def test_app_steps_run_standby_first():
+def _depends_on(run, name: str) -> list[str]:
+    return [getattr(d, "_name", None) for d in (run.mocks.options[name].depends_on or [])]
+
+
+def test_app_steps_run_standby_first(stack_run):
     """Never restart the app on both nodes at once: primary's app step waits for standby's."""
-    deps = {}
-
-    def record(args: pulumi.ResourceTransformationArgs):
-        deps[args.name] = [getattr(d, "_name", None) for d in (args.opts.depends_on or [])]
-        return None
-
-    run_stack_with_transformation(record)
-    primary_deps = deps["minitwit-test-primary-app"]
-    assert "minitwit-test-standby-app" in primary_deps
-    assert "minitwit-test-primary-app" not in deps["minitwit-test-standby-app"]
-
-
-def run_stack_with_transformation(fn):
-    from infra.offline import DoMocks, run_offline
-    from infra.program import run as program_run
-    from infra.settings import DictSource
-    from tests.conftest import ROOT, SECRET_KEYS
-
-    cfg = base_config()
-    source = DictSource(cfg, frozenset(k for k in SECRET_KEYS if k in cfg))
-
-    def program():
-        pulumi.runtime.register_stack_transformation(fn)
-        return program_run(source, stack="test", project_dir=ROOT)
-
-    return run_offline(program, DoMocks())
+    assert "minitwit-test-standby-app" in _depends_on(stack_run, "minitwit-test-primary-app")
+    assert "minitwit-test-primary-app" not in _depends_on(stack_run, "minitwit-test-standby-app")
 
 
 def test_protect_flag_reaches_vpc_and_reserved_ip():
-    protected = {}
-
-    def record(args: pulumi.ResourceTransformationArgs):
-        protected[args.name] = bool(args.opts.protect)
-        return None
-
-    from infra.offline import DoMocks, run_offline
-    from infra.program import run as program_run
-    from infra.settings import DictSource
-    from tests.conftest import ROOT, SECRET_KEYS
-
     for flag in (True, False):
-        protected.clear()
-        cfg = base_config(protect=flag, database="managed")
-        source = DictSource(cfg, frozenset(k for k in SECRET_KEYS if k in cfg))
+        options = run_stack(base_config(protect=flag, database="managed")).mocks.options
 
-        def program(source=source):
-            pulumi.runtime.register_stack_transformation(record)
-            return program_run(source, stack="test", project_dir=ROOT)
+        def protected(name: str, options=options) -> bool:
+            return bool(options[name].protect)
 
-        run_offline(program, DoMocks())
-        assert protected["minitwit-test-vpc"] is flag
-        assert protected["minitwit-test-reserved-ip"] is flag
-        assert protected["minitwit-test-db"] is flag and protected["minitwit-test-db-minitwit"] is flag
-        assert protected["minitwit-test-primary"] is False  # droplets stay replaceable
+        assert protected("minitwit-test-vpc") is flag
+        assert protected("minitwit-test-reserved-ip") is flag
+        assert protected("minitwit-test-db") is flag and protected("minitwit-test-db-minitwit") is flag
+        assert protected("minitwit-test-primary") is False  # droplets stay replaceable
 
 
 def test_bad_config_declares_nothing():

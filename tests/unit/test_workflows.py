@@ -12,14 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pulumi
 import pytest
 import yaml
 
-from infra.offline import DoMocks, run_offline
-from infra.program import run as program_run
 from infra.settings import DictSource, load_settings
-from tests.conftest import ROOT, SECRET_KEYS, base_config
+from tests.conftest import ROOT, base_config, run_stack
 from tests.support.needs import missing_binaries, need
 
 WORKFLOW_DIR = ROOT / ".github" / "workflows"
@@ -405,24 +402,10 @@ def test_the_scheduled_drift_check_is_a_refreshing_preview_that_expects_no_chang
 def test_the_reserved_ip_ignores_droplet_id_so_a_failover_is_not_drift():
     """keepalived moves the IP; a refresh then reads the other droplet. Only ignore_changes on
     dropletId keeps `preview --refresh --expect-no-changes` green (and `up` from moving it back)."""
-    opts = {}
-
-    def record(args: pulumi.ResourceTransformationArgs):
-        opts[args.name] = args.opts
-        return None
-
-    cfg = base_config()
-    source = DictSource(cfg, frozenset(k for k in SECRET_KEYS if k in cfg))
-
-    def program():
-        pulumi.runtime.register_stack_transformation(record)
-        return program_run(source, stack="test", project_dir=ROOT)
-
-    mocks = DoMocks()
-    run_offline(program, mocks)
+    mocks = run_stack(base_config()).mocks
     rip = mocks.of_type("digitalocean:index/reservedIp:ReservedIp")
     assert [r.name for r in rip] == ["minitwit-test-reserved-ip"]
-    assert list(opts["minitwit-test-reserved-ip"].ignore_changes) == ["dropletId"]
+    assert list(mocks.options["minitwit-test-reserved-ip"].ignore_changes) == ["dropletId"]
     assert "dropletId" not in rip[0].inputs
 
 
