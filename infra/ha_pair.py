@@ -170,19 +170,25 @@ class NodeChain:
                  app_after: list[pulumi.Resource], parent: pulumi.Resource) -> None:
         s = settings
         paths = NodePaths()
-        conn = command.remote.ConnectionArgs(
-            host=droplet.ipv4_address,
-            user=DEPLOY_USER,
-            private_key=Output.secret(s.ssh_private_key.reveal()),
-            # A fresh droplet's sshd comes up after ~30-60 s; the default 10 dial attempts give
-            # up after ~11 s. The first step retries without limit, bounded by its timeout.
-            dial_error_limit=-1,
-            per_dial_timeout=10,
-        )
-        steady_conn = command.remote.ConnectionArgs(
-            host=droplet.ipv4_address, user=DEPLOY_USER, private_key=Output.secret(s.ssh_private_key.reveal()),
-            dial_error_limit=20, per_dial_timeout=10,
-        )
+        def connection(dial_error_limit: int) -> command.remote.ConnectionArgs:
+            return command.remote.ConnectionArgs(
+                host=droplet.ipv4_address, user=DEPLOY_USER, private_key=Output.secret(s.ssh_private_key.reveal()),
+                dial_error_limit=dial_error_limit, per_dial_timeout=10,
+            )
+
+        # A fresh droplet's sshd comes up after ~30-60 s; the default 10 dial attempts give up after
+        # ~11 s. The first step retries without limit, bounded by its timeout; later ones give up.
+        conn = connection(-1)
+        steady_conn = connection(20)
+
+        def secret_file(step: str, path: str, content: pulumi.Input[str]) -> command.remote.Command:
+            """Write `content` to `path` on the node, 0600 root from the first byte, via stdin only."""
+            secret = Output.secret(content)
+            return command.remote.Command(
+                f"{name}-{step}", connection=steady_conn, create=steps.secret_file_command(path), stdin=secret,
+                triggers=[droplet.id, secret.apply(steps.digest)],
+                opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap]),
+            )
 
         def facts(values: list) -> NodeFacts:
             droplet_id, private_ip, peer_ip, rip = values
@@ -197,7 +203,6 @@ class NodeChain:
         rendered: Output[list[NodeFile]] = Output.all(
             droplet.id, droplet.ipv4_address_private, peer.ipv4_address_private, reserved_ip,
         ).apply(lambda v: render_node_files(facts(v), compose_text=s.compose.text, repo_root=repo_root))
-        self.rendered = rendered
 
         def step_inputs(step: str, rename: dict[str, str] | None = None) -> tuple[Output[str], Output[str]]:
             archive = rendered.apply(lambda fs: steps.archive_b64(files_for_step(fs, step), rename))
@@ -216,13 +221,7 @@ class NodeChain:
             opts=ResourceOptions(parent=parent, depends_on=[self.wait],
                                  custom_timeouts=pulumi.CustomTimeouts(create="20m", update="20m")),
         )
-        token = s.failover_token.reveal()
-        self.token = command.remote.Command(
-            f"{name}-failover-token", connection=steady_conn,
-            create=steps.secret_file_command(paths.token_file), stdin=Output.secret(token),
-            triggers=[droplet.id, Output.secret(steps.digest(token))],
-            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap]),
-        )
+        self.token = secret_file("failover-token", paths.token_file, s.failover_token.reveal())
         archive, self.failover_digest = step_inputs(STEP_FAILOVER)
         self.failover = command.remote.Command(
             f"{name}-failover", connection=steady_conn, create=steps.failover_command(paths), stdin=archive,
@@ -254,13 +253,7 @@ class NodeChain:
                 opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap]),
             )
             app_deps.append(self.registry)
-        env_content = app_env
-        self.app_env = command.remote.Command(
-            f"{name}-app-env", connection=steady_conn, create=steps.secret_file_command(paths.app_env),
-            stdin=Output.secret(env_content),
-            triggers=[droplet.id, Output.secret(env_content).apply(steps.digest)],
-            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap]),
-        )
+        self.app_env = secret_file("app-env", paths.app_env, app_env)
         app_deps.append(self.app_env)
         archive, self.app_digest = step_inputs(STEP_APP)
         self.app = command.remote.Command(
