@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.lab import traffic
-from tests.lab.lab import LAB_ROOT, NODES, RESERVED_IP, Lab, LabError
+from tests.lab.lab import LAB_ROOT, NODES, RESERVED_IP, Lab, LabError, wait_for
 
 # Targets (lab, API latency 0, the "fast" profile).
 FAILOVER_TARGET_S = {"app-crash": 1.5, "keepalived-stop": 1.5, "node-down": 2.0, "api-flaky": 5.0}
@@ -94,8 +94,9 @@ class Traffic:
         return traffic.load(self.out) if self.out.exists() else []
 
     def stop(self) -> list[dict]:
+        """Stop the generator; its records of the requests (the user's registration left out)."""
         self.lab.stop(self.key, timeout=15)
-        return self.records()
+        return [r for r in self.records() if r.get("op") != "register"]
 
 
 def first_answer_by(records: list[dict], node: str, after: float) -> float | None:
@@ -103,15 +104,6 @@ def first_answer_by(records: list[dict], node: str, after: float) -> float | Non
     times = [r["t"] + r["dt"] for r in records
              if traffic.ok(r) and r.get("served_by") == node and r["t"] + r["dt"] > after]
     return min(times) if times else None
-
-
-def wait_until(pred, timeout: float, step: float = 0.05) -> float | None:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if pred():
-            return time.monotonic() - start
-        time.sleep(step)
-    return None
 
 
 def settle_time(lab: Lab, since_wall: float, timeout: float = 15.0) -> float | None:
@@ -155,7 +147,7 @@ def run_once(lab: Lab, scenario: str, workdir: Path, index: int) -> RunResult:
                 lab.fault(active, "api", count=3)
             t_fault = time.time()
             lab.fault(active, FAULT_OF[scenario])
-            waited = wait_until(lambda: first_answer_by(gen.records(), other, t_fault) is not None, 15)
+            waited = wait_for(lambda: first_answer_by(gen.records(), other, t_fault) is not None, 15)
             if waited is None:
                 notes.append(f"no answer from {other} within 15 s")
             else:
@@ -166,7 +158,7 @@ def run_once(lab: Lab, scenario: str, workdir: Path, index: int) -> RunResult:
                 lab.heal(active, "app")
         elif scenario == "split-brain":
             lab.fault(active, "vpc")
-            both = wait_until(lambda: len(lab.masters()) == 2, 5)
+            both = wait_for(lambda: len(lab.masters()) == 2, 5)
             notes.append("both nodes MASTER during the cut" if both is not None else "no split brain formed")
             time.sleep(max(0.0, SPLIT_S - (time.time() - t_fault)))
             t_heal = time.time()
@@ -183,43 +175,35 @@ def run_once(lab: Lab, scenario: str, workdir: Path, index: int) -> RunResult:
             raise LabError(f"unknown scenario {scenario}")
         time.sleep(1.0)
     finally:
-        records = gen.stop()
+        window = gen.stop()
     try:
         now_active = lab.wait_steady(timeout=30)
     except LabError as exc:
         now_active = None
         notes.append(str(exc))
     masters = lab.masters()
-    window = [r for r in records if r.get("op") != "register"]
     return RunResult(
         failover_s=failover_s, requests=len(window), failed=len(traffic.failed(window)),
         holder_after=lab.holder(), single_master=len(masters) == 1 and now_active is not None,
-        rows_lost=rows_lost(lab, records), notes=notes,
+        rows_lost=rows_lost(lab, window), notes=notes,
     )
 
 
 def steady_run(lab: Lab, workdir: Path, seconds: float) -> dict:
     """No spurious failover: steady traffic for `seconds`, no VRRP transition, no failed request."""
     active = lab.wait_pair_ready(timeout=30)
-    logs = {n: Path(lab.node_facts(n, lab.state["profile"]).paths.lib_dir) / "transitions.log" for n in NODES}
-    before = {n: _lines(p) for n, p in logs.items()}
+    before = lab.transitions()
     gen = Traffic(lab, workdir / "steady.jsonl").start()
     t0 = time.time()
     time.sleep(seconds)
-    records = gen.stop()
-    transitions = sum(_lines(p) - before[n] for n, p in logs.items())
-    window = [r for r in records if r.get("op") != "register"]
+    window = gen.stop()
+    transitions = lab.transitions() - before
     failed = len(traffic.failed(window))
     return {"name": "steady", "seconds": round(time.time() - t0, 1), "requests": len(window), "failed": failed,
             "transitions": transitions, "holder_after": lab.holder(), "active_before": active,
-            "rows_lost": rows_lost(lab, records), "passed": transitions == 0 and failed == 0}
+            "rows_lost": rows_lost(lab, window), "passed": transitions == 0 and failed == 0}
 
 
-def _lines(path: Path) -> int:
-    try:
-        return len(path.read_text().splitlines())
-    except OSError:
-        return 0
 
 
 def keepalived_version() -> str:

@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,7 +304,7 @@ class Lab:
         }
         _write(api_dir / "config.json", json.dumps(config, indent=2), 0o600)
         self.spawn("api", "client", [sys.executable, "-m", "tests.lab.fakedo", "--config", str(api_dir / "config.json")])
-        _wait_for(lambda: (api_dir / "ready").exists(), 10, "the fake DigitalOcean API to listen")
+        wait_for(lambda: (api_dir / "ready").exists(), 10, "the fake DigitalOcean API to listen")
 
     def node_facts(self, node: str, profile: str) -> NodeFacts:
         peer = "standby" if node == "primary" else "primary"
@@ -538,12 +537,18 @@ class Lab:
                 "reserved_ip": {"address": RESERVED_IP, "holder": self.holder()}}
 
     def keepalived_log(self, node: str) -> str:
-        proc = self.state.get("keepalived_logs", {}).get(node)
-        path = Path(proc) if proc else LAB_ROOT / "logs" / f"{node}-keepalived.log"
-        try:
-            return path.read_text(errors="replace")
+        try:  # spawn() logs every keepalived run of a node to the same file
+            return (LAB_ROOT / "logs" / f"{node}-keepalived.log").read_text(errors="replace")
         except OSError:
             return ""
+
+    def transitions(self) -> int:
+        """VRRP transitions recorded so far on both nodes (mt-failover's transitions.log)."""
+        total = 0
+        for node in NODES:
+            path = Path(node_paths(node).lib_dir) / "transitions.log"
+            total += len(path.read_text().splitlines()) if path.exists() else 0
+        return total
 
     # -- secrets audit ----------------------------------------------------------------------------
     def secret_values(self) -> dict[str, str]:
@@ -644,7 +649,7 @@ class Lab:
             if pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-                _wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists(), 5, None)
+                wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists(), 5)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         for key in sorted(self.procs(), key=lambda k: k.endswith("api")):  # the API last
@@ -689,16 +694,13 @@ def _write(path: Path, content: str, mode: int) -> None:
     os.chmod(path, mode)
 
 
-def _wait_for(pred, timeout: float, what: str | None) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_for(pred, timeout: float, what: str | None = None, step: float = 0.05) -> float | None:
+    """Seconds until `pred()` held; None after `timeout`, or LabError naming `what` when given."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
         if pred():
-            return True
-        time.sleep(0.05)
+            return time.monotonic() - start
+        time.sleep(step)
     if what:
         raise LabError(f"timed out after {timeout:.0f}s waiting for {what}")
-    return False
-
-
-def url_host(url: str) -> str:
-    return urllib.parse.urlsplit(url).hostname or ""
+    return None

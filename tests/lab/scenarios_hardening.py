@@ -27,19 +27,10 @@ from tests.lab.lab import (
     ROUTER_ID,
     Lab,
     in_ns,
-    node_paths,
     ns,
 )
 
 CLOSED_PORTS = (8081, 5432, 2375, 3306)  # a listener on the node that the internet must not reach
-
-
-def _transitions(lab: Lab) -> int:
-    total = 0
-    for node in NODES:
-        path = Path(node_paths(node).lib_dir) / "transitions.log"
-        total += len(path.read_text().splitlines()) if path.exists() else 0
-    return total
 
 
 def vrrp_drops(node: str) -> int:
@@ -52,7 +43,7 @@ def vrrp_drops(node: str) -> int:
 @scenario("rogue-vrrp")
 def rogue_vrrp(lab: Lab, workdir: Path, runs: int) -> dict:
     active = lab.wait_pair_ready(timeout=30)
-    before = _transitions(lab)
+    before = lab.transitions()
     drops_before = {n: vrrp_drops(n) for n in NODES}
     gen = Traffic(lab, workdir / "rogue-vrrp.jsonl").start()
     try:
@@ -61,10 +52,9 @@ def rogue_vrrp(lab: Lab, workdir: Path, runs: int) -> dict:
                     "--seconds", "5", "--interval", "0.1", timeout=30)
         time.sleep(1.5)  # longer than the master-down interval: a takeover would have happened by now
     finally:
-        records = gen.stop()
-    window = [r for r in records if r.get("op") != "register"]
+        window = gen.stop()
     drops = {n: vrrp_drops(n) - drops_before[n] for n in NODES}
-    transitions = _transitions(lab) - before
+    transitions = lab.transitions() - before
     holder = lab.holder()
     entry = {
         "name": "rogue-vrrp", "requests": len(window), "failed": len(traffic.failed(window)),

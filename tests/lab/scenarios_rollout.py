@@ -99,8 +99,7 @@ def one_run(lab: Lab, workdir: Path, tag: str, args: list[str]) -> dict:
         t_end = time.time()
         time.sleep(1.0)
     finally:
-        records = gen.stop()
-    window = [r for r in records if r.get("op") != "register"]
+        window = gen.stop()
     bad = traffic.failed(window)
     span = (max(r["t"] for r in window) - min(r["t"] for r in window)) if len(window) > 1 else 0.0
     return {
