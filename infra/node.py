@@ -100,6 +100,10 @@ class NodePaths:
         return f"{self.lib_dir}/maintenance"
 
     @property
+    def tmpfiles_conf(self) -> str:
+        return self._p("/etc/tmpfiles.d/minitwit-ha.conf")
+
+    @property
     def systemd_dir(self) -> str:
         return self._p("/etc/systemd/system")
 
@@ -451,7 +455,7 @@ d {paths.lib_dir} 0755 root root -
         f"{paths.systemd_dir}/minitwit-ha-healthwatch.service": watch,
         f"{paths.systemd_dir}/minitwit-ha-reconcile.service": reconcile,
         f"{paths.systemd_dir}/keepalived.service.d/minitwit-ha.conf": keepalived_dropin,
-        paths._p("/etc/tmpfiles.d/minitwit-ha.conf"): tmpfiles,
+        paths.tmpfiles_conf: tmpfiles,
     }
 
 

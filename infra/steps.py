@@ -109,7 +109,7 @@ def failover_command(paths: NodePaths) -> str:
     units = "minitwit-ha-healthwatch.service minitwit-ha-reconcile.service"
     return _script(
         EXTRACT,
-        f"sudo systemd-tmpfiles --create {paths.root}/etc/tmpfiles.d/minitwit-ha.conf",
+        f"sudo systemd-tmpfiles --create {paths.tmpfiles_conf}",
         "sudo systemctl daemon-reload",
         f"sudo systemctl enable {units}",
         "# Restart so the watcher and the reconciler run the scripts and settings just installed.",
