@@ -234,8 +234,11 @@ def summarize(name: str, runs: list[RunResult]) -> dict:
 
 
 def run_drill(profile: str = "fast", runs: int = 3, only: list[str] | None = None, steady_s: float = 0.0,
-              lab: Lab | None = None) -> dict:
-    """Bring the lab up (unless given one), run the scenarios, tear down, return the report."""
+              lab: Lab | None = None, evidence: Path | None = None) -> dict:
+    """Bring the lab up (unless given one), run the scenarios, tear down, return the report.
+
+    When anything fails and `evidence` is given, the lab's logs, traffic records and node state
+    are copied there before the teardown, so the failure can be read afterwards."""
     extras = load_extra_scenarios()
     chosen = [s for s in SCENARIOS if not only or s in only]
     chosen_extras = [s for s in extras if not only or s in only]
@@ -272,6 +275,8 @@ def run_drill(profile: str = "fast", runs: int = 3, only: list[str] | None = Non
         report["passed"] = (all(s["passed"] for s in report["scenarios"]) and not bad
                             and report["secrets_audit"]["clean"] and report.get("steady", {}).get("passed", True))
     finally:
+        if evidence is not None and not report.get("passed"):
+            report["evidence"] = str(lab.save_evidence(evidence))
         if own:
             lab.down()
     return report
@@ -321,10 +326,13 @@ def table(report: dict) -> str:
 
 def main_drill(profile: str, runs: int, report: str, only: list[str] | None, steady_s: float) -> int:
     print(f"drill: profile {profile}, {runs} run(s) per scenario ...", file=sys.stderr)
-    result = run_drill(profile=profile, runs=runs, only=only, steady_s=steady_s)
+    result = run_drill(profile=profile, runs=runs, only=only, steady_s=steady_s,
+                       evidence=Path(report).with_name(Path(report).stem + "-evidence"))
     Path(report).write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     print(f"\nreport: {os.path.abspath(report)}")
+    if "evidence" in result:
+        print(f"logs and node state of the failed run: {result['evidence']}")
     if profile != "fast":
         print(f"(profile {profile} is for comparison; the targets are the fast profile's)")
         return 0

@@ -550,6 +550,20 @@ class Lab:
             total += len(path.read_text().splitlines()) if path.exists() else 0
         return total
 
+    def save_evidence(self, dest: Path) -> Path:
+        """Copy what explains a run (logs, traffic records, each node's state and transition log)
+        out of the lab before it is torn down. No secrets: those live in etc/ (and the audit checks
+        these files)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        keep = [LAB_ROOT / "logs", LAB_ROOT / "drill"]
+        for node in NODES:
+            paths = node_paths(node)
+            keep += [Path(paths.state_dir), Path(paths.lib_dir), node_root(node) / "var" / "log"]
+        for src in keep:
+            if src.is_dir():
+                shutil.copytree(src, dest / src.relative_to(LAB_ROOT), dirs_exist_ok=True)
+        return dest
+
     # -- secrets audit ----------------------------------------------------------------------------
     def secret_values(self) -> dict[str, str]:
         from urllib.parse import unquote, urlsplit
