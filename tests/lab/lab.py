@@ -263,6 +263,12 @@ class Lab:
         # Locally sent packets are routed before the NAT hook rewrites them: give the reserved IP a
         # route. Unassigned, its packets go nowhere (connect timeouts), as at DigitalOcean.
         in_ns("client", "ip", "route", "add", f"{RESERVED_IP}/32", "dev", "eth0")
+        # A connection attempt that got no answer (its node was down or unreachable) leaves a
+        # conntrack entry in SYN_SENT, with its DNAT, for 120 s; a later connection that happens to
+        # reuse that source port would join the entry and go to the old node, whoever holds the IP
+        # by then (seen: 9 refused requests in a rolling update). One client reusing its ports is a
+        # lab artefact, so keep such entries (this namespace only) for 2 s.
+        in_ns("client", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_timeout_syn_sent=2")
 
     def _database(self) -> None:
         root = LAB_ROOT / "db"
