@@ -81,9 +81,23 @@ def server():
         yield s
 
 
+def installed_copy(root: Path, script: Path) -> Path:
+    """The script as a node has it: a root-owned 0755 copy in a directory anyone may enter.
+
+    An unprivileged user cannot run the checkout's own file when the checkout sits somewhere only
+    root may enter (a clone in root's home, mode 0700), and a node never runs it from there either."""
+    libexec = root / "libexec"
+    libexec.mkdir(mode=0o755, exist_ok=True)
+    copy = libexec / script.name
+    shutil.copy2(script, copy)
+    copy.chmod(0o755)
+    return copy
+
+
 class Health:
-    def __init__(self, root: Path, url: str):
+    def __init__(self, root: Path, url: str, script: Path = SCRIPT):
         self.root = root
+        self.script = script
         self.env_file = root / "health.env"
         self.flag = root / "maintenance"
         self.compose_file = root / "compose.yaml"
@@ -109,7 +123,7 @@ class Health:
         # keepalived's environment is bare: no profile, just what the daemon was started with
         base = {"PATH": path or f"{STUBS}:/usr/local/bin:/usr/bin:/bin", "MT_HEALTH_ENV": str(self.env_file),
                 "DOCKER_TIMEOUT_S": "1"}
-        return subprocess.run([str(SCRIPT), *args], env=base | self.stub | env, capture_output=True,
+        return subprocess.run([str(self.script), *args], env=base | self.stub | env, capture_output=True,
                               text=True, timeout=20, check=False, user=user, group=user and "nogroup",
                               extra_groups=[] if user else None)
 
@@ -272,7 +286,7 @@ def test_http_and_flag_checks_run_unprivileged(server: HealthServer):
     root = Path(tempfile.mkdtemp(prefix="mt-health-"))  # pytest's tmp_path is root-only (0700)
     try:
         root.chmod(0o755)
-        health = Health(root, server.url)
+        health = Health(root, server.url, script=installed_copy(root, SCRIPT))
         assert health.run("http", user="nobody").returncode == 0
         assert health.run("flag", user="nobody").returncode == 0
         health.flag.touch()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.needs import need, not_root
-from tests.unit.test_mt_health import HealthServer
+from tests.unit.test_mt_health import HealthServer, installed_copy
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "mt-healthwatch"
@@ -37,8 +37,9 @@ def server() -> Iterator[HealthServer]:
 class Watch:
     """One watcher process with its env file, track file and log (stderr) file."""
 
-    def __init__(self, root: Path, url: str):
+    def __init__(self, root: Path, url: str, script: Path = SCRIPT):
         self.root = root
+        self.script = script
         self.env_file = root / "health.env"
         self.track = root / "health" / "status"
         self.flag = root / "maintenance"
@@ -67,7 +68,7 @@ class Watch:
             path = f"{python_bin}:{path}"
         env = {"PATH": path, "MT_HEALTH_ENV": str(self.env_file)}
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, stderr=log,
+            self.proc = subprocess.Popen([str(self.script)], env=env, stdout=subprocess.DEVNULL, stderr=log,
                                          user=user, group=user and pwd.getpwnam(user).pw_gid,
                                          extra_groups=[] if user else None)
 
@@ -147,9 +148,9 @@ def test_unprivileged_watcher_replaces_keepalived_init_file(server: HealthServer
     need(not_root())
     user = pwd.getpwnam("nobody")
     root = Path(tempfile.mkdtemp(prefix="mt-healthwatch-"))  # pytest's tmp_path is root-only (0700)
-    watch = Watch(root, server.url)
+    root.chmod(0o755)
+    watch = Watch(root, server.url, script=installed_copy(root, SCRIPT))
     try:
-        root.chmod(0o755)
         os.chown(watch.track.parent, user.pw_uid, user.pw_gid)  # RuntimeDirectory= of the unit
         watch.track.write_text("1\n")  # what init_file leaves behind: root-owned, 0644
         watch.start(user="nobody")
