@@ -10,9 +10,20 @@ import argparse
 import json
 import sys
 
-from tests.lab.lab import NODES, Lab, LabError
+from tests.lab.lab import API_PRESETS, FAULT_KINDS, NODES, Lab, LabError
 
-FAULT_KINDS = ("app", "keepalived", "link", "vpc", "api")
+
+def add_api_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api", default="realistic", choices=sorted(API_PRESETS),
+                        help="the fake DigitalOcean API's timing: realistic (default: an assign completes "
+                             f"after {API_PRESETS['realistic'][0]:g} s, +{API_PRESETS['realistic'][1]:g} s per "
+                             "request) or ideal (instant)")
+    parser.add_argument("--api-action-s", type=float, help="seconds an assign action stays in-progress")
+    parser.add_argument("--api-latency-s", type=float, help="seconds added to every API request")
+
+
+def api_kwargs(args: argparse.Namespace) -> dict:
+    return {"api": args.api, "api_action_s": args.api_action_s, "api_latency_s": args.api_latency_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="build the lab and wait until one node is MASTER and serving")
     up.add_argument("--profile", default="fast", help="timing profile: fast (default) or tutorial")
+    add_api_options(up)
     sub.add_parser("status", help="JSON: each node's VRRP state and app version, the reserved IP's holder")
     for name in ("fault", "heal"):
         p = sub.add_parser(name, help=f"{name} a fault: {', '.join(FAULT_KINDS)}")
@@ -33,15 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     drill.add_argument("--report", default="drill-report.json")
     drill.add_argument("--scenarios", help="comma-separated subset of scenario names")
     drill.add_argument("--steady-s", type=float, default=300.0, help="length of the no-spurious-failover run")
+    add_api_options(drill)
     demo = sub.add_parser("demo", help="up, a short drill with the report, down (the newcomer's first command)")
     demo.add_argument("--profile", default="fast")
+    add_api_options(demo)
     sub.add_parser("down", help="tear the lab down (also after an interrupted run)")
     args = ap.parse_args(argv)
 
     lab = Lab()
     try:
         if args.cmd == "up":
-            lab.up(profile=args.profile)
+            lab.up(profile=args.profile, **api_kwargs(args))
             print(json.dumps(lab.status(), indent=2))
         elif args.cmd == "status":
             if not lab.is_up:
@@ -61,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.cmd == "drill":
                 return main_drill(profile=args.profile, runs=args.runs, report=args.report,
                                   only=args.scenarios.split(",") if args.scenarios else None,
-                                  steady_s=args.steady_s)
-            return main_demo(profile=args.profile)
+                                  steady_s=args.steady_s, **api_kwargs(args))
+            return main_demo(profile=args.profile, **api_kwargs(args))
     except LabError as exc:
         print(f"lab: {exc}", file=sys.stderr)
         return 2

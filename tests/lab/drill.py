@@ -1,10 +1,21 @@
 """The failover drill: inject each fault under steady traffic and measure what a client sees.
 
-`failover_s` is the time from the fault to the first 2xx served by the new node through the
-reserved IP, as the client saw it (the answer's arrival), median over the runs. For
-`split-brain` (VPC cut 10 s, then healed) and `restart-both` it is the time from the heal /
-restart until exactly one MASTER holds the reserved IP. `rows_lost` counts writes the app
-acknowledged (204) during the run that the shared database does not have afterwards.
+The fake DigitalOcean API runs with realistic timing by default (an assign stays in-progress
+5 s before the reserved IP moves, +0.3 s per request; `--api ideal` for the instant API), and
+the traffic generator gives up on a request after 0.3 s and never retries, like the course's
+load generator. Per scenario the report has:
+
+- `failover_s`: time from the fault to the first 2xx served by the other node through the
+  reserved IP, median over the runs (`None` when the other node never had to serve). For
+  `split-brain` and `restart-both` it is the time from the heal / restart until exactly one
+  MASTER holds the reserved IP.
+- `ip_moves`: assign actions that completed and moved the IP during the run (the fake API's own
+  record), the most in any run; `ip_moves_after_heal` the same, counted from the heal.
+- `detection_s` / `action_s` (node-down): fault to the new holder's assign request, and that
+  request to the move's completion.
+- `failed`: client requests that failed (non-2xx, refused, reset or past 0.3 s), all runs.
+- `rows_lost`: writes the app acknowledged (204) that the shared database does not have.
+- `limits`: every limit the scenario must meet, with what it got; `passed` is all of them.
 """
 
 from __future__ import annotations
@@ -23,19 +34,42 @@ from pathlib import Path
 from tests.lab import traffic
 from tests.lab.lab import LAB_ROOT, NODES, RESERVED_IP, Lab, LabError, wait_for
 
-# Targets (lab, API latency 0, the "fast" profile).
-FAILOVER_TARGET_S = {"app-crash": 1.5, "keepalived-stop": 1.5, "node-down": 2.0, "api-flaky": 5.0}
-SETTLE_TARGET_S = 3.0
-SCENARIOS = ("app-crash", "keepalived-stop", "node-down", "split-brain", "api-flaky", "restart-both")
+SCENARIOS = ("app-crash", "keepalived-stop", "node-down", "split-brain", "api-flaky", "restart-both",
+             "vpc-partition", "node-freeze", "db-outage")
 FAULT_OF = {"app-crash": "app", "keepalived-stop": "keepalived", "node-down": "link", "api-flaky": "app"}
-SPLIT_S = 10.0
+CUT_S = 10.0             # split-brain / vpc-partition: how long the VPC between the nodes is cut
+FREEZE_S = 1.0           # node-freeze: how long every process of the active node is stopped
+DB_OUTAGE_S = 10.0       # db-outage: how long the shared database refuses connections
 RATE = 50
+CLIENT_TIMEOUT_S = 0.3   # the course's load generator: gives up after 0.3 s, never retries
 BAD_LOG_LINES = ("unsafe permissions", "SECURITY VIOLATION", "disabling")
+
+
+def limits_for(name: str, action_s: float) -> dict[str, float]:
+    """What each scenario must meet, given the API's action time. Keys: `failover_s` (median, at
+    most), `ip_moves` / `ip_moves_after_heal` (any run, at most), `failed` (all runs, at most),
+    `failed_outside_fault` (requests sent outside the fault window that failed, at most),
+    `detection_s` (median, at most)."""
+    fail_over = action_s + 1.5   # detection (~0.7 s) + the API's requests (2 x 0.3 s) + the action
+    return {
+        "app-crash": {"failover_s": fail_over, "ip_moves": 1},
+        "keepalived-stop": {"failover_s": fail_over, "ip_moves": 1},
+        "node-down": {"failover_s": fail_over, "ip_moves": 1, "detection_s": 2.0},
+        "api-flaky": {"failover_s": action_s + 5.0, "ip_moves": 1},
+        "split-brain": {"failover_s": 3.0, "ip_moves": 1, "ip_moves_after_heal": 0, "failed": 0},
+        "restart-both": {"failover_s": 3.0, "ip_moves": 1, "ip_moves_after_heal": 0},
+        "vpc-partition": {"ip_moves": 1, "ip_moves_after_heal": 0, "failed": 0},
+        "node-freeze": {"ip_moves": 0, "failed_outside_fault": 0},
+        "db-outage": {"ip_moves": 0},
+    }.get(name, {})
+
 
 # More scenarios live in their own modules (rolling updates, hardening) and register here:
 # name -> fn(lab, workdir, runs) -> report entry (a dict with at least "name" and "passed").
 EXTRA_SCENARIOS: dict[str, Callable[[Lab, Path, int], dict]] = {}
 EXTRA_MODULES = ("tests.lab.scenarios_rollout", "tests.lab.scenarios_hardening")
+# IP moves each extra scenario may cost (the drill counts them around the call).
+EXTRA_MOVE_LIMITS = {"rogue-vrrp": 0, "ssh-from-outside": 0, "http-open": 0, "planned-switchover": 1}
 
 
 def scenario(name: str):
@@ -68,7 +102,13 @@ class RunResult:
     holder_after: str | None
     single_master: bool
     rows_lost: int
+    ip_moves: int = 0
+    ip_moves_after_heal: int = 0
+    failed_outside_fault: int = 0
+    detection_s: float | None = None
+    action_s: float | None = None
     notes: list[str] = field(default_factory=list)
+    timeline: dict = field(default_factory=dict)
 
 
 class Traffic:
@@ -81,7 +121,7 @@ class Traffic:
     def start(self) -> Traffic:
         self.lab.spawn(self.key, "client", [
             sys.executable, "-m", "tests.lab.traffic", "--url", f"http://{RESERVED_IP}", "--rate", str(self.rate),
-            "--duration", "0", "--out", str(self.out), "--timeout", "1.0", "--run-id", self.out.stem,
+            "--duration", "0", "--out", str(self.out), "--timeout", str(CLIENT_TIMEOUT_S), "--run-id", self.out.stem,
         ])
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -133,19 +173,65 @@ def rows_lost(lab: Lab, records: list[dict]) -> int:
     return lost
 
 
+def duplicate_rows(lab: Lab) -> int:
+    """Messages stored more than once: a write that a proxy resent after the app had done it."""
+    socket_uri = f"postgresql://postgres@/minitwit?host={LAB_ROOT / 'db'}&port=5432"
+    return traffic.duplicate_rows(socket_uri)
+
+
+class Marks:
+    """What the drill did and when, for the timeline: faults, heals and notes."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def __call__(self, kind: str, label: str, node: str | None = None) -> float:
+        now = time.time()
+        self.events.append({"t": now, "kind": kind, "node": node, "label": label})
+        return now
+
+
+def timeline_events(lab: Lab, marks: Marks, t0: float, t1: float) -> list[dict]:
+    """The drill's own marks plus the nodes' VRRP transitions and the API's IP moves in [t0, t1]."""
+    events = list(marks.events)
+    events += [{"t": e["t"], "kind": "vrrp", "node": e["node"], "label": f"{e['node']} {e['to']}"}
+               for e in lab.transition_log(t0, t1)]
+    for move in lab.moves(t0, t1):
+        start = move_started(lab, move)
+        if start is not None:
+            events.append({"t": start, "kind": "ip_move_start", "node": move["to"],
+                           "label": f"assign to {move['to']} requested"})
+        events.append({"t": move["t"], "kind": "ip_move", "node": move["to"], "label": f"IP moved to {move['to']}"})
+    return sorted(events, key=lambda e: e["t"])
+
+
+def move_started(lab: Lab, move: dict) -> float | None:
+    """When the assign that completed as `move` was accepted by the API (its 201)."""
+    from tests.lab.lab import DROPLET_ID
+
+    target = DROPLET_ID.get(move["to"])
+    accepted = [r["ts"] for r in lab.assign_requests(until=move["t"])
+                if r.get("status") == 201 and (r.get("body") or {}).get("droplet_id") == target]
+    return max(accepted) if accepted else None
+
+
 def run_once(lab: Lab, scenario: str, workdir: Path, index: int) -> RunResult:
     active = lab.wait_pair_ready(timeout=30)
     other = peer(active)
     gen = Traffic(lab, workdir / f"{scenario}-{index}.jsonl").start()
+    marks = Marks()
+    t0 = time.time()
     time.sleep(1.0)
     notes: list[str] = []
     failover_s = None
+    t_heal = None
+    fault_window = None
     t_fault = time.time()
     try:
         if scenario in FAULT_OF:
             if scenario == "api-flaky":
                 lab.fault(active, "api", count=3)
-            t_fault = time.time()
+            t_fault = marks("fault", f"{FAULT_OF[scenario]} fault on {active}", active)
             lab.fault(active, FAULT_OF[scenario])
             waited = wait_for(lambda: first_answer_by(gen.records(), other, t_fault) is not None, 15)
             if waited is None:
@@ -153,39 +239,84 @@ def run_once(lab: Lab, scenario: str, workdir: Path, index: int) -> RunResult:
             else:
                 failover_s = first_answer_by(gen.records(), other, t_fault) - t_fault
             time.sleep(1.0)
+            t_heal = marks("heal", f"heal {active}", active)
             lab.heal(active, "api" if scenario == "api-flaky" else FAULT_OF[scenario])
             if scenario == "api-flaky":
                 lab.heal(active, "app")
-        elif scenario == "split-brain":
+        elif scenario in ("split-brain", "vpc-partition"):
+            t_fault = marks("fault", f"VPC cut for {CUT_S:g} s")
             lab.fault(active, "vpc")
             both = wait_for(lambda: len(lab.masters()) == 2, 5)
             notes.append("both nodes MASTER during the cut" if both is not None else "no split brain formed")
-            time.sleep(max(0.0, SPLIT_S - (time.time() - t_fault)))
-            t_heal = time.time()
+            time.sleep(max(0.0, CUT_S - (time.time() - t_fault)))
+            t_heal = marks("heal", "VPC healed")
             lab.heal(active, "vpc")
-            failover_s = settle_time(lab, t_heal)
+            if scenario == "split-brain":
+                failover_s = settle_time(lab, t_heal)
+            else:
+                time.sleep(3.0)
         elif scenario == "restart-both":
             for node in NODES:
                 lab.fault(node, "keepalived")
-            t_restart = time.time()
+            t_fault = t_heal = marks("fault", "keepalived restarted on both nodes")
             for node in NODES:
                 lab.heal(node, "keepalived")
-            failover_s = settle_time(lab, t_restart)
+            failover_s = settle_time(lab, t_heal)
+        elif scenario == "node-freeze":
+            t_fault = marks("fault", f"every process of {active} stopped for {FREEZE_S:g} s", active)
+            lab.fault(active, "freeze")
+            time.sleep(FREEZE_S)
+            t_heal = marks("heal", f"{active} resumed", active)
+            lab.heal(active, "freeze")
+            # A request sent while the node was stopped may fail (0.3 s); one sent after must not.
+            fault_window = (t_fault - CLIENT_TIMEOUT_S, t_heal)
+            time.sleep(3.0)
+        elif scenario == "db-outage":
+            t_fault = marks("fault", f"database refuses connections for {DB_OUTAGE_S:g} s")
+            lab.fault(active, "db")
+            masters_seen = []
+            while time.time() - t_fault < DB_OUTAGE_S:
+                masters_seen.append(len(lab.masters()))
+                time.sleep(0.1)
+            t_heal = marks("heal", "database back")
+            lab.heal(active, "db")
+            fault_window = (t_fault - CLIENT_TIMEOUT_S, t_heal + 2.0)  # the app's pool reconnects
+            if any(n != 1 for n in masters_seen):
+                notes.append(f"MASTER count during the outage was {sorted(set(masters_seen))}, not always 1")
+            time.sleep(2.0)
         else:
             raise LabError(f"unknown scenario {scenario}")
         time.sleep(1.0)
     finally:
         window = gen.stop()
+    t1 = time.time()
     try:
         now_active = lab.wait_steady(timeout=30)
     except LabError as exc:
         now_active = None
         notes.append(str(exc))
     masters = lab.masters()
+    moves = lab.moves(t_fault, time.time())
+    failed = traffic.failed(window)
+    outside = [r for r in failed if fault_window and not fault_window[0] <= r["t"] <= fault_window[1]]
+    if scenario == "db-outage" and any("not always 1" in n for n in notes):
+        masters_ok = False
+    else:
+        masters_ok = len(masters) == 1 and now_active is not None
+    detection_s = action_s = None
+    if moves:
+        started = move_started(lab, moves[0])
+        if started is not None:
+            detection_s, action_s = started - t_fault, moves[0]["t"] - started
     return RunResult(
-        failover_s=failover_s, requests=len(window), failed=len(traffic.failed(window)),
-        holder_after=lab.holder(), single_master=len(masters) == 1 and now_active is not None,
-        rows_lost=rows_lost(lab, window), notes=notes,
+        failover_s=failover_s, requests=len(window), failed=len(failed),
+        holder_after=lab.holder(), single_master=masters_ok,
+        rows_lost=rows_lost(lab, window), ip_moves=len(moves),
+        ip_moves_after_heal=len([m for m in moves if t_heal is not None and m["t"] > t_heal]),
+        failed_outside_fault=len(outside) if fault_window else len(failed),
+        detection_s=detection_s, action_s=action_s, notes=notes,
+        timeline={"scenario": scenario, "run": index, "t0": t0, "t1": t1, "records": window,
+                  "events": timeline_events(lab, marks, t0, t1)},
     )
 
 
@@ -199,11 +330,11 @@ def steady_run(lab: Lab, workdir: Path, seconds: float) -> dict:
     window = gen.stop()
     transitions = lab.transitions() - before
     failed = len(traffic.failed(window))
+    moves = len(lab.moves(t0, time.time()))
     return {"name": "steady", "seconds": round(time.time() - t0, 1), "requests": len(window), "failed": failed,
-            "transitions": transitions, "holder_after": lab.holder(), "active_before": active,
-            "rows_lost": rows_lost(lab, window), "passed": transitions == 0 and failed == 0}
-
-
+            "transitions": transitions, "ip_moves": moves, "holder_after": lab.holder(), "active_before": active,
+            "rows_lost": rows_lost(lab, window),
+            "passed": transitions == 0 and failed == 0 and moves == 0}
 
 
 def keepalived_version() -> str:
@@ -212,33 +343,80 @@ def keepalived_version() -> str:
     return words[1].lstrip("v") if len(words) > 1 else "unknown"
 
 
-def summarize(name: str, runs: list[RunResult]) -> dict:
-    times = [r.failover_s for r in runs if r.failover_s is not None]
-    median = round(statistics.median(times), 3) if len(times) == len(runs) and times else None
-    target = FAILOVER_TARGET_S.get(name, SETTLE_TARGET_S)
+def _median(values: list[float | None]) -> float | None:
+    """The median when every run has a value, else None (a run that never got there fails it)."""
+    if not values or any(v is None for v in values):
+        return None
+    return round(statistics.median(values), 3)
+
+
+def summarize(name: str, runs: list[RunResult], action_s: float) -> dict:
+    failover = [r.failover_s for r in runs]
     out = {
         "name": name,
-        "failover_s": median,
-        "target_s": target,
-        "runs_s": [None if r.failover_s is None else round(r.failover_s, 3) for r in runs],
+        "failover_s": _median(failover),
+        "runs_s": [None if v is None else round(v, 3) for v in failover],
         "requests": sum(r.requests for r in runs),
         "failed": sum(r.failed for r in runs),
+        "ip_moves": max((r.ip_moves for r in runs), default=0),
+        "ip_moves_runs": [r.ip_moves for r in runs],
+        "ip_moves_after_heal": max((r.ip_moves_after_heal for r in runs), default=0),
+        "failed_outside_fault": sum(r.failed_outside_fault for r in runs),
+        "detection_s": _median([r.detection_s for r in runs]) if any(r.detection_s for r in runs) else None,
+        "action_s": _median([r.action_s for r in runs]) if any(r.action_s for r in runs) else None,
         "holder_after": runs[-1].holder_after if runs else None,
         "single_master": all(r.single_master for r in runs),
         "rows_lost": sum(r.rows_lost for r in runs),
         "notes": sorted({n for r in runs for n in r.notes}),
     }
-    out["passed"] = (median is not None and median <= target and out["single_master"] and out["rows_lost"] == 0
-                     and all(r.holder_after is not None for r in runs))
+    limits = limits_for(name, action_s)
+    if "failover_s" in limits:
+        out["target_s"] = round(limits["failover_s"], 3)
+    out["limits"] = check_limits(out, limits)
+    out["passed"] = (all(v["ok"] for v in out["limits"].values()) and out["single_master"]
+                     and out["rows_lost"] == 0 and all(r.holder_after is not None for r in runs))
     return out
 
 
+def check_limits(entry: dict, limits: dict[str, float]) -> dict[str, dict]:
+    """{limit name: {"limit", "got", "ok"}}: each value in `entry` must be at most its limit; a
+    missing (None) value fails it (a failover that never happened has no time)."""
+    out = {}
+    for key, limit in limits.items():
+        got = entry.get(key)
+        out[key] = {"limit": round(limit, 3), "got": got, "ok": got is not None and got <= limit}
+    return out
+
+
+def run_extra(lab: Lab, name: str, workdir: Path) -> tuple[dict, list[dict]]:
+    """Run a registered scenario once; count the IP moves around it and collect its traffic."""
+    before = set(workdir.glob("*.jsonl"))
+    t0 = time.time()
+    entry = EXTRA_SCENARIOS[name](lab, workdir, 1)
+    t1 = time.time()
+    entry["ip_moves"] = len(lab.moves(t0, t1))
+    if name in EXTRA_MOVE_LIMITS:
+        entry["limits"] = {**entry.get("limits", {}),
+                           **check_limits(entry, {"ip_moves": EXTRA_MOVE_LIMITS[name]})}
+        entry["passed"] = entry["passed"] and all(v["ok"] for v in entry["limits"].values())
+    runs = []
+    for i, path in enumerate(sorted(set(workdir.glob("*.jsonl")) - before)):
+        records = [r for r in traffic.load(path) if r.get("op") != "register"]
+        if records:
+            runs.append({"scenario": name, "run": i, "t0": min(r["t"] for r in records), "t1": t1,
+                         "records": records, "events": timeline_events(lab, Marks(), t0, t1)})
+    return entry, runs
+
+
 def run_drill(profile: str = "fast", runs: int = 3, only: list[str] | None = None, steady_s: float = 0.0,
-              lab: Lab | None = None, evidence: Path | None = None) -> dict:
+              lab: Lab | None = None, evidence: Path | None = None, api: str = "realistic",
+              api_action_s: float | None = None, api_latency_s: float | None = None,
+              timelines: list[dict] | None = None) -> dict:
     """Bring the lab up (unless given one), run the scenarios, tear down, return the report.
 
     When anything fails and `evidence` is given, the lab's logs, traffic records and node state
-    are copied there before the teardown, so the failure can be read afterwards."""
+    are copied there before the teardown, so the failure can be read afterwards. `timelines`, when
+    given, receives one entry per scenario run for the picture (tests/lab/timeline.py)."""
     extras = load_extra_scenarios()
     chosen = [s for s in SCENARIOS if not only or s in only]
     chosen_extras = [s for s in extras if not only or s in only]
@@ -248,24 +426,31 @@ def run_drill(profile: str = "fast", runs: int = 3, only: list[str] | None = Non
     own = lab is None
     lab = lab or Lab()
     if own:
-        lab.up(profile=profile)
+        lab.up(profile=profile, api=api, api_action_s=api_action_s, api_latency_s=api_latency_s)
+    timing = lab.api_timing
     workdir = LAB_ROOT / "drill"
     workdir.mkdir(mode=0o755, exist_ok=True)
-    report = {"keepalived": keepalived_version(), "profile": profile, "api_latency_s": 0, "runs": runs,
-              "scenarios": []}
+    report = {"keepalived": keepalived_version(), "profile": profile, "api": timing["preset"],
+              "api_action_s": timing["action_s"], "api_latency_s": timing["latency_s"],
+              "client_timeout_s": CLIENT_TIMEOUT_S, "rate_rps": RATE, "runs": runs, "scenarios": []}
+    timelines = timelines if timelines is not None else []
     try:
         for name in chosen:
             results = [run_once(lab, name, workdir, i) for i in range(runs)]
-            report["scenarios"].append(summarize(name, results))
+            timelines += [r.timeline for r in results]
+            report["scenarios"].append(summarize(name, results, timing["action_s"]))
             _progress(report["scenarios"][-1])
         for name in chosen_extras:
             # Failover scenarios run `runs` times (their time is a median); rollouts and the
             # hardening checks are pass/fail and run once.
-            entry = EXTRA_SCENARIOS[name](lab, workdir, 1)
+            entry, extra_runs = run_extra(lab, name, workdir)
+            timelines += extra_runs
             report["scenarios"].append(entry)
-            print(f"  {name:<16} {'ok' if entry['passed'] else 'FAILED'}", file=sys.stderr, flush=True)
+            print(f"  {name:<16} ip_moves {entry['ip_moves']} {'ok' if entry['passed'] else 'FAILED'}",
+                  file=sys.stderr, flush=True)
         if steady_s > 0 and (not only or "steady" in only):
             report["steady"] = steady_run(lab, workdir, steady_s)
+        report["duplicate_rows"] = duplicate_rows(lab)
         logs = {n: lab.keepalived_log(n) for n in NODES}
         bad = [f"{n}: {ln.strip()}" for n, text in logs.items() for ln in text.splitlines()
                if any(b in ln for b in BAD_LOG_LINES)]
@@ -273,6 +458,7 @@ def run_drill(profile: str = "fast", runs: int = 3, only: list[str] | None = Non
         report["keepalived_log_findings"] = bad[:20]
         report["secrets_audit"] = lab.audit_secrets({"drill report": json.dumps(report)})
         report["passed"] = (all(s["passed"] for s in report["scenarios"]) and not bad
+                            and report["duplicate_rows"] == 0
                             and report["secrets_audit"]["clean"] and report.get("steady", {}).get("passed", True))
     finally:
         if evidence is not None and not report.get("passed"):
@@ -283,36 +469,49 @@ def run_drill(profile: str = "fast", runs: int = 3, only: list[str] | None = Non
 
 
 def _progress(s: dict) -> None:
-    print(f"  {s['name']:<16} failover {s['failover_s']}s (runs {s['runs_s']}) "
+    print(f"  {s['name']:<16} failover {s['failover_s']}s (runs {s['runs_s']}) ip_moves {s['ip_moves_runs']} "
           f"failed {s['failed']}/{s['requests']} {'ok' if s['passed'] else 'FAILED'}", file=sys.stderr, flush=True)
 
 
+def _limits_text(s: dict) -> str:
+    bad = [f"{k} {v['got']} > {v['limit']}" for k, v in s.get("limits", {}).items() if not v["ok"]]
+    return "; ".join(bad)
+
+
 def table(report: dict) -> str:
-    rows = [f"keepalived {report['keepalived']}, profile {report['profile']}, API latency {report['api_latency_s']} s, "
-            f"median of {report['runs']} run(s)", "",
-            f"{'scenario':<17}{'failover_s':>11}{'target':>8}{'requests':>10}{'failed':>8}  {'holder_after':<13}"
-            f"{'single_master':<15}{'rows_lost':>9}  result"]
+    rows = [f"keepalived {report['keepalived']}, profile {report['profile']}, API {report.get('api', '?')} "
+            f"(assign action {report['api_action_s']:g} s, +{report['api_latency_s']:g} s per request), "
+            f"client timeout {report.get('client_timeout_s', '?')} s, median of {report['runs']} run(s)", "",
+            f"{'scenario':<17}{'failover_s':>11}{'target':>8}{'ip_moves':>9}{'requests':>10}{'failed':>8}  "
+            f"{'holder_after':<13}{'single_master':<15}{'rows_lost':>9}  result"]
     extras = []
     for s in report["scenarios"]:
-        if "failover_s" not in s or "target_s" not in s:
+        if "runs_s" not in s:
             extras.append(s)
             continue
         fs = "-" if s["failover_s"] is None else f"{s['failover_s']:.2f}"
-        rows.append(f"{s['name']:<17}{fs:>11}{s['target_s']:>8.1f}{s['requests']:>10}{s['failed']:>8}  "
+        target = f"{s['target_s']:.1f}" if "target_s" in s else "-"
+        rows.append(f"{s['name']:<17}{fs:>11}{target:>8}{s['ip_moves']:>9}{s['requests']:>10}{s['failed']:>8}  "
                     f"{str(s['holder_after']):<13}{str(s['single_master']):<15}{s['rows_lost']:>9}  "
-                    f"{'pass' if s['passed'] else 'FAIL'}")
+                    f"{'pass' if s['passed'] else 'FAIL ' + _limits_text(s)}")
+    node_down = next((s for s in report["scenarios"] if s["name"] == "node-down"), None)
+    if node_down and node_down.get("detection_s") is not None:
+        rows.append(f"node-down: detection {node_down['detection_s']:.2f} s + the API's action "
+                    f"{node_down['action_s']:.2f} s")
     if extras:
-        rows += ["", f"{'scenario':<28}{'requests':>10}{'failed':>8}  result  details"]
+        rows += ["", f"{'scenario':<28}{'requests':>10}{'failed':>8}{'ip_moves':>9}  result  details"]
         for s in extras:
             details = s.get("summary", "")
-            rows.append(f"{s['name']:<28}{s.get('requests', '-'):>10}{s.get('failed', '-'):>8}  "
-                        f"{'pass' if s['passed'] else 'FAIL':<6}  {details}")
+            rows.append(f"{s['name']:<28}{s.get('requests', '-'):>10}{s.get('failed', '-'):>8}"
+                        f"{s.get('ip_moves', '-'):>9}  {'pass' if s['passed'] else 'FAIL':<6}  {details}")
     if "steady" in report:
         st = report["steady"]
-        rows.append(f"{'steady':<17}{'':>11}{'':>8}{st['requests']:>10}{st['failed']:>8}  "
+        rows.append(f"{'steady':<17}{'':>11}{'':>8}{st['ip_moves']:>9}{st['requests']:>10}{st['failed']:>8}  "
                     f"{str(st['holder_after']):<13}{'transitions=' + str(st['transitions']):<15}"
                     f"{st['rows_lost']:>9}  {'pass' if st['passed'] else 'FAIL'}")
     rows.append("")
+    if "duplicate_rows" in report:
+        rows.append(f"duplicate rows (a write stored twice): {report['duplicate_rows']}")
     audit = report.get("secrets_audit")
     if audit:
         rows.append(f"secrets audit: {audit['files_scanned']} files scanned, "
@@ -324,13 +523,32 @@ def table(report: dict) -> str:
     return "\n".join(rows)
 
 
-def main_drill(profile: str, runs: int, report: str, only: list[str] | None, steady_s: float) -> int:
-    print(f"drill: profile {profile}, {runs} run(s) per scenario ...", file=sys.stderr)
-    result = run_drill(profile=profile, runs=runs, only=only, steady_s=steady_s,
+def write_outputs(result: dict, timelines: list[dict], report: str) -> None:
+    """drill-report.json, its timelines (for a redraw) and the picture, drill-report.html."""
+    path = Path(report)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    runs_file = path.with_name(path.stem + "-timelines.json")
+    runs_file.write_text(json.dumps(timelines) + "\n")
+    try:
+        from tests.lab.timeline import render_html
+    except ImportError as exc:
+        print(f"(no picture: {exc})", file=sys.stderr)
+        return
+    html = render_html(result, timelines, path.with_suffix(".html"))
+    print(f"timeline: {os.path.abspath(html)}")
+
+
+def main_drill(profile: str, runs: int, report: str, only: list[str] | None, steady_s: float,
+               api: str = "realistic", api_action_s: float | None = None,
+               api_latency_s: float | None = None) -> int:
+    print(f"drill: profile {profile}, API {api}, {runs} run(s) per scenario ...", file=sys.stderr)
+    timelines: list[dict] = []
+    result = run_drill(profile=profile, runs=runs, only=only, steady_s=steady_s, api=api,
+                       api_action_s=api_action_s, api_latency_s=api_latency_s, timelines=timelines,
                        evidence=Path(report).with_name(Path(report).stem + "-evidence"))
-    Path(report).write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     print(f"\nreport: {os.path.abspath(report)}")
+    write_outputs(result, timelines, report)
     if "evidence" in result:
         print(f"logs and node state of the failed run: {result['evidence']}")
     if profile != "fast":
@@ -339,17 +557,21 @@ def main_drill(profile: str, runs: int, report: str, only: list[str] | None, ste
     return 0 if result["passed"] else 1
 
 
-def main_demo(profile: str = "fast") -> int:
+def main_demo(profile: str = "fast", api: str = "realistic", api_action_s: float | None = None,
+              api_latency_s: float | None = None, report: str = "drill-report.json") -> int:
     print("demo: building the lab (namespaces, PostgreSQL, fake DigitalOcean API, two keepalived nodes) ...",
           file=sys.stderr)
     lab = Lab()
-    lab.up(profile=profile)
+    lab.up(profile=profile, api=api, api_action_s=api_action_s, api_latency_s=api_latency_s)
+    timelines: list[dict] = []
     try:
+        lab.wait_pair_ready(timeout=30)  # both nodes settled: one MASTER serving, the other BACKUP
         print(json.dumps(lab.status(), indent=2))
         print("demo: one run of each failover scenario under 50 requests/s ...", file=sys.stderr)
-        result = run_drill(profile=profile, runs=1, lab=lab)
+        result = run_drill(profile=profile, runs=1, lab=lab, timelines=timelines)
         print(table(result))
     finally:
         lab.down()
         print("demo: lab torn down", file=sys.stderr)
+    write_outputs(result, timelines, report)
     return 0 if result["passed"] else 1

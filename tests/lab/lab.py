@@ -55,6 +55,15 @@ HEALTH_URL = "http://127.0.0.1:80/latest"
 BINARIES = ("ip", "nft", "keepalived", "curl", "runuser", "setpriv", "sshd", "ssh", "ssh-keygen", "sudo", "visudo")
 DEPLOY_USER = "deploy"
 EDGE_TABLE = "mtha_edge"
+DB_CUT_TABLE = "mtha_dbcut"
+# The fake API's timing: (seconds an assign action stays in-progress before the IP moves, seconds
+# added to every API request). "realistic" is what the drill and the demo use by default:
+# DigitalOcean says an assign takes "a few seconds" and the closest published figure (an AWS
+# Elastic IP moved by keepalived) is 5-6 s; traffic keeps reaching the old holder meanwhile.
+API_PRESETS = {"ideal": (0.0, 0.0), "realistic": (5.0, 0.3)}
+
+
+FAULT_KINDS = ("app", "keepalived", "link", "vpc", "api", "freeze", "db")
 
 
 class LabError(RuntimeError):
@@ -192,7 +201,9 @@ class Lab:
         return pid if b"tests.lab.app" in cmdline else None
 
     # -- up -------------------------------------------------------------------------------------
-    def up(self, profile: str = "fast", wait: bool = True) -> None:
+    def up(self, profile: str = "fast", wait: bool = True, api: str = "realistic",
+           api_action_s: float | None = None, api_latency_s: float | None = None) -> None:
+        """Build the lab. `api` picks the fake API's timing preset; the two seconds override it."""
         why = missing()
         if why:
             raise LabError(why)
@@ -201,10 +212,19 @@ class Lab:
                            f"(state: {self.state_file})")
         if profile not in PROFILES:
             raise LabError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")
+        if api not in API_PRESETS:
+            raise LabError(f"unknown API preset {api!r}; use one of {', '.join(API_PRESETS)}")
+        action_s, latency_s = API_PRESETS[api]
+        action_s = action_s if api_action_s is None else api_action_s
+        latency_s = latency_s if api_latency_s is None else api_latency_s
+        for what, value in (("--api-action-s", action_s), ("--api-latency-s", latency_s)):
+            if not 0 <= value <= 60:
+                raise LabError(f"{what} must be between 0 and 60 seconds, got {value}")
         LAB_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
         os.chmod(LAB_ROOT, 0o755)
         self.state = {"up": False, "profile": profile, "namespaces": [], "processes": {},
-                      "root": str(LAB_ROOT), "created": time.time()}
+                      "root": str(LAB_ROOT), "created": time.time(),
+                      "api": {"preset": api, "action_s": action_s, "latency_s": latency_s}}
         self._save()
         try:
             self._network()
@@ -307,6 +327,8 @@ class Lab:
             "on_unassign": ["nft", f"flush map ip {EDGE_TABLE} rip"],
             "log_path": str(LAB_ROOT / "logs" / "api-requests.jsonl"),
             "ready_file": str(api_dir / "ready"),
+            "action_delay_s": self.state["api"]["action_s"],
+            "latency_s": self.state["api"]["latency_s"],
         }
         _write(api_dir / "config.json", json.dumps(config, indent=2), 0o600)
         self.spawn("api", "client", [sys.executable, "-m", "tests.lab.fakedo", "--config", str(api_dir / "config.json")])
@@ -317,6 +339,7 @@ class Lab:
         paths = node_paths(node)
         return NodeFacts(
             name=node, droplet_id=DROPLET_ID[node], private_ip=PRIVATE[node], peer_private_ip=PRIVATE[peer],
+            peer_public_ip=PUBLIC[peer],
             reserved_ip=RESERVED_IP, priority=PRIORITY[node], router_id=ROUTER_ID, private_interface="eth1",
             admin_cidrs=(ADMIN_CIDR,), http_ports=(80, 443), health_url=HEALTH_URL, profile=PROFILES[profile],
             api_url=f"http://{API_ADDR}:{API_PORT}", metadata_url=f"http://{API_ADDR}:{API_PORT}/metadata/v1",
@@ -498,11 +521,74 @@ class Lab:
     def masters(self) -> list[str]:
         return [n for n in NODES if self.vrrp_state(n) == "MASTER"]
 
+    @property
+    def api_timing(self) -> dict:
+        """{"preset", "action_s", "latency_s"}: the fake API's timing this lab was built with."""
+        return self.state.get("api", {"preset": "ideal", "action_s": 0.0, "latency_s": 0.0})
+
+    def moves(self, since: float = 0.0, until: float | None = None) -> list[dict]:
+        """Completed assigns that moved the reserved IP to another droplet, from the fake API's
+        own record: [{"t": completed (epoch), "from": node|None, "to": node}], completed within
+        [since, until]. The lab's first assignment (from nobody) counts as a move too."""
+        names = {v: k for k, v in DROPLET_ID.items()}
+        out, holder = [], None
+        for e in self.api_events():
+            if e.get("event") != "hook" or e.get("kind") != "assign" or not e.get("ok"):
+                continue
+            to = names.get(e.get("droplet_id"))
+            if to != holder:
+                if e["ts"] >= since and (until is None or e["ts"] <= until):
+                    out.append({"t": e["ts"], "from": holder, "to": to})
+                holder = to
+        return out
+
+    def api_events(self) -> list[dict]:
+        out = in_ns("client", "curl", "--fail", "--silent", "--show-error", "--max-time", "3",
+                    f"http://{API_ADDR}:{API_PORT}/_lab/events", check=False)
+        return json.loads(out.stdout) if out.returncode == 0 and out.stdout else []
+
+    def assign_requests(self, since: float = 0.0, until: float | None = None) -> list[dict]:
+        """Assign POSTs the fake API received in the window (its request log): who asked, when,
+        and the answer's status. The log never holds the token."""
+        path = LAB_ROOT / "logs" / "api-requests.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            ts = entry.get("ts", 0)
+            if (entry.get("method") == "POST" and "/actions" in str(entry.get("path", ""))
+                    and ts >= since and (until is None or ts <= until)):
+                out.append(entry)
+        return out
+
+    def transition_log(self, since: float = 0.0, until: float | None = None) -> list[dict]:
+        """Every VRRP transition both nodes recorded in the window, oldest first:
+        [{"t": epoch, "node", "from", "to"}]."""
+        out = []
+        for node in NODES:
+            path = Path(node_paths(node).lib_dir) / "transitions.log"
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry["epoch"] >= since and (until is None or entry["epoch"] <= until):
+                    out.append({"t": entry["epoch"], "node": node, "from": entry.get("from"), "to": entry["to"]})
+        return sorted(out, key=lambda e: e["t"])
+
     def steady(self) -> str | None:
         """The active node when exactly one MASTER holds the reserved IP and serves through it."""
         masters = self.masters()
-        if len(masters) != 1 or self.holder() != masters[0]:
-            return None
+        api = self.api_state()
+        holder = {v: k for k, v in DROPLET_ID.items()}.get(api.get("reserved_ips", {}).get(RESERVED_IP))
+        if len(masters) != 1 or holder != masters[0] or api.get("pending"):
+            return None  # an assign still in flight can move the IP yet
         status, headers = self.http(f"http://{RESERVED_IP}/latest")
         return masters[0] if status == 200 and headers.get("x-served-by") == masters[0] else None
 
@@ -636,12 +722,25 @@ class Lab:
 }
 """
             in_ns("sw", "nft", "-f", "-", input=rules)
+        elif kind == "freeze":
+            # A noisy neighbour or a live migration: every process of the node stops at once while
+            # its kernel (and so its TCP stack) goes on.
+            for pid in self._ns_pids(node):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+        elif kind == "db":
+            # The shared database refuses every connection, the open ones included (a reset on
+            # their next packet), as during a managed database's failover or maintenance.
+            in_ns("db", "nft", "-f", "-", input=f"""table inet {DB_CUT_TABLE} {{
+    chain input {{ type filter hook input priority -10; tcp dport {DB_PORT} reject with tcp reset; }}
+}}
+""")
         elif kind == "api":
             for i in range(count):
                 self.api_post("/_lab/inject", {"status": statuses[i % len(statuses)], "count": 1,
                                                "match": "assign", "retry_after": 1})
         else:
-            raise LabError(f"unknown fault kind {kind!r}; use app, keepalived, link, vpc or api")
+            raise LabError(f"unknown fault kind {kind!r}; use {', '.join(FAULT_KINDS)}")
 
     def heal(self, node: str, kind: str) -> None:
         if kind == "app":
@@ -657,13 +756,27 @@ class Lab:
             in_ns("sw", "nft", "delete", "table", "bridge", "mtha_cut", check=False)
         elif kind == "api":
             self.api_post("/_lab/clear", {})
+        elif kind == "freeze":
+            for pid in self._ns_pids(node):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        elif kind == "db":
+            in_ns("db", "nft", "delete", "table", "inet", DB_CUT_TABLE, check=False)
         else:
-            raise LabError(f"unknown fault kind {kind!r}; use app, keepalived, link, vpc or api")
+            raise LabError(f"unknown fault kind {kind!r}; use {', '.join(FAULT_KINDS)}")
+
+    def _ns_pids(self, node: str) -> list[int]:
+        """Every process in the node's namespace (all of them the lab's own)."""
+        out = sh("ip", "netns", "pids", ns(node), check=False).stdout.split()
+        return [int(p) for p in out if p.isdigit() and int(p) != os.getpid()]
 
     # -- down -----------------------------------------------------------------------------------------
     def down(self) -> list[str]:
         """Tear everything down that the lab recorded; safe to call twice or after a crash."""
         notes = []
+        for node in NODES:  # a frozen node's processes would sit on their SIGTERM
+            if ns(node) in self.state.get("namespaces", []):
+                self.heal(node, "freeze")
         for node in NODES:
             pid = self.app_pid(node)
             if pid:

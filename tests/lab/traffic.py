@@ -443,6 +443,19 @@ def rows_lost(acked_contents: Iterable[str], db_url: str) -> tuple[int, list[str
     return len(missing), missing
 
 
+def duplicate_rows(db_url: str) -> int:
+    """Messages stored more than once. Every write the generator sends carries unique content, so
+    a duplicate is a request that was executed twice (a proxy or a client resent it)."""
+    import psycopg
+
+    with psycopg.connect(db_url, connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM message GROUP BY author_id, text "
+            "HAVING count(*) > 1) d"
+        ).fetchone()
+    return int(row[0])
+
+
 # -- CLI ---------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
