@@ -191,9 +191,10 @@ class NodeChain:
             )
 
         def facts(values: list) -> NodeFacts:
-            droplet_id, private_ip, peer_ip, rip = values
+            droplet_id, private_ip, peer_ip, rip, peer_public_ip = values
             return NodeFacts(
                 name=node, droplet_id=int(droplet_id), private_ip=private_ip, peer_private_ip=peer_ip,
+                peer_public_ip=peer_public_ip,
                 reserved_ip=rip, priority=PRIORITY[node], router_id=s.vrrp_router_id,
                 private_interface=s.private_interface, admin_cidrs=s.admin_cidrs, http_ports=s.http_ports,
                 health_url=s.health_url, profile=PROFILES[s.failover_profile], compose_project=COMPOSE_PROJECT,
@@ -201,7 +202,7 @@ class NodeChain:
             )
 
         rendered: Output[list[NodeFile]] = Output.all(
-            droplet.id, droplet.ipv4_address_private, peer.ipv4_address_private, reserved_ip,
+            droplet.id, droplet.ipv4_address_private, peer.ipv4_address_private, reserved_ip, peer.ipv4_address,
         ).apply(lambda v: render_node_files(facts(v), compose_text=s.compose.text, repo_root=repo_root))
 
         def step_inputs(step: str, rename: dict[str, str] | None = None) -> tuple[Output[str], Output[str]]:

@@ -13,10 +13,14 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from infra.profiles import PROFILES, Profile
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# keepalived priority added while a node holds the reserved IP: larger than the gap between the
+# two nodes' base priorities (150 / 100), so the holder always wins, and 150 + 100 stays <= 254.
+HOLDER_WEIGHT = 100
 SCRIPT_NAMES = ("mt-deploy", "mt-failover", "mt-health", "mt-healthwatch")
 
 # Provisioning steps (one remote command each); a file's step decides what re-runs when it changes.
@@ -88,6 +92,10 @@ class NodePaths:
         return self._p("/run/minitwit-ha-health")
 
     @property
+    def holder_file(self) -> str:
+        return f"{self.state_dir}/holder"
+
+    @property
     def track_file(self) -> str:
         return f"{self.track_dir}/status"
 
@@ -135,6 +143,7 @@ class NodeFacts:
     docker_cmd: str = "docker"     # the docker CLI the node scripts call (the lab: its stand-in)
     paths: NodePaths = field(default_factory=NodePaths)
     log_file: str = ""             # extra log file for mt-failover (the lab); syslog is always used
+    peer_public_ip: str = ""       # the peer's public IPv4: is it still serving through the reserved IP?
 
 
 @dataclass(frozen=True)
@@ -207,6 +216,23 @@ track_file app_watch {{
         app_watch
     }
 """
+    holder = f"""
+# 1 while the DigitalOcean API (the metadata service) says this droplet holds the reserved IP,
+# else 0 (mt-failover keeps it current). Weighted so the holder always outranks the other node:
+# when two MASTERs meet again (a healed VPC cut, a node back from a stall, both keepalived
+# restarted), the one that keeps MASTER is the one traffic already reaches, and the IP stays put.
+track_file reserved_ip_holder {{
+    file "{paths.holder_file}"
+    weight {HOLDER_WEIGHT}     # priority {facts.priority} + {HOLDER_WEIGHT} while holding (max 254)
+    init_file 0    # until mt-failover has asked, assume not holding (created only if missing)
+}}
+"""
+    track_file = track_file.replace("        app_watch\n", "        app_watch\n        reserved_ip_holder\n") if track_file \
+        else """
+    track_file {
+        reserved_ip_holder
+    }
+"""
     advert_comment = (f"VRRPv{p.vrrp_version}: the peer is declared dead after 3 x {p.advert_int} s + skew "
                       f"(~{p.master_down_s:.2f} s)")
     return f"""{_header(facts, 'keepalived configuration', '#')}# Profile "{p.name}".
@@ -238,7 +264,7 @@ vrrp_script chk_flag {{
     fall 1         # a drain is deliberate: act on the first sight of the flag
     rise 1
 }}
-{services}{watcher}
+{services}{watcher}{holder}
 vrrp_instance minitwit {{
     # Both nodes start BACKUP with nopreempt: after a failover, a recovered node never grabs the
     # reserved IP back (that would be a second, needless interruption).
@@ -300,6 +326,17 @@ def render_failover_env(facts: NodeFacts) -> str:
         "RETRY_MAX_ATTEMPTS": str(p.retry_max_attempts),
         "POLL_INTERVAL_S": "0.2",
         "RECONCILE_INTERVAL_S": p.reconcile_interval_s,
+        "HOLDER_FILE": paths.holder_file,
+        # The peer is probed before the IP moves (mt-failover's class Peer says why): over the VPC
+        # right after a takeover, and at its public address by a MASTER that does not hold the IP.
+        "PEER_PRIVATE_IP": facts.peer_private_ip,
+        "PEER_PUBLIC_IP": facts.peer_public_ip,
+        "PEER_PORT": str(facts.http_ports[0]),
+        "PEER_HEALTH_PATH": urlsplit(facts.health_url).path or "/",
+        "PROBE_CONNECT_TIMEOUT_S": "0.2",   # a live peer on the VPC answers a SYN in well under 1 ms
+        "PROBE_RESPONSE_TIMEOUT_S": "1.5",  # connected but silent this long: its processes are gone
+        "PROBE_SLOW_S": "0.15",             # an answer slower than this came after a stall
+        "STALL_GRACE_S": "0.8",             # time for a peer back from a stall to reclaim MASTER
     }
     return _env_file(_header(facts, "Failover settings (read by mt-failover)"), lines)
 
