@@ -260,15 +260,17 @@ def label_rows(spans: list[tuple[float, float]], rows: int = LABEL_ROWS) -> list
 def _draw_run(ax: Any, run: Mapping[str, Any], colours: Mapping[str, str]) -> None:
     t0, t1 = run["t0"], run["t1"]
     n, ok_by, failures = buckets(run["records"], t0, t1)
-    xs = [i * BUCKET_S for i in range(n)]
+    # Stacked bars drawn as one filled step outline per series (stairs with the series below as
+    # baseline): it looks the same as a bar per bucket, and a 5-minute window is 3,000 buckets.
+    edges = [i * BUCKET_S for i in range(n + 1)]
     bottom = [0] * n
-    for node in sorted(ok_by, key=lambda name: (name not in NODE_COLOURS, name)):
-        counts = ok_by[node]
-        ax.bar(xs, counts, width=BUCKET_S, bottom=bottom, align="edge", color=colours[node], linewidth=0, zorder=2)
-        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    series = [(ok_by[node], colours[node]) for node in sorted(ok_by, key=lambda name: (name not in NODE_COLOURS, name))]
     if any(failures):
-        ax.bar(xs, failures, width=BUCKET_S, bottom=bottom, align="edge", color=FAILED_COLOUR, linewidth=0, zorder=2)
-        bottom = [b + c for b, c in zip(bottom, failures, strict=True)]
+        series.append((failures, FAILED_COLOUR))
+    for counts, colour in series:
+        top_of = [b + c for b, c in zip(bottom, counts, strict=True)]
+        ax.stairs(top_of, edges, baseline=bottom, fill=True, color=colour, linewidth=0, zorder=2)
+        bottom = top_of
     top = max(bottom) if any(bottom) else 1
     # The bars fill the lower ~55 %; the event labels sit in rows above them.
     ax.set_ylim(0, top * 1.8 + 1)
@@ -388,7 +390,7 @@ def _anchor(name: str) -> str:
 def _limits_cell(limits: Mapping[str, Mapping[str, Any]]) -> str:
     parts = []
     for name, lim in limits.items():
-        cls, mark = ("ok", "ok") if lim["ok"] else ("bad", "over")
+        cls, mark = ("ok", "ok") if lim["ok"] else ("bad", "not met")
         parts.append(f'<span class="{cls}">{_esc(name)} {_esc(_fmt(lim["got"]))} '
                      f'(limit {_esc(_fmt(lim["limit"]))}, {mark})</span>')
     return "<br>".join(parts) or "-"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import copy
+import io
 import json
 import re
 
 import pytest
+from PIL import Image  # matplotlib's own dependency
 
 from tests.lab import timeline
 from tests.lab.timeline import TimelineInputError, render_html
@@ -117,6 +119,23 @@ def test_one_png_per_scenario_with_runs(drawn):
     assert 'id="s-node-down"' in page and 'id="s-rolling-update"' in page and 'id="s-hardening"' not in page
 
 
+def _pixels(png_b64: str) -> dict[str, int]:
+    """How many pixels of each colour ("#rrggbb") a PNG has."""
+    image = Image.open(io.BytesIO(base64.b64decode(png_b64))).convert("RGB")
+    return {"#{:02x}{:02x}{:02x}".format(*rgb): n for n, rgb in image.getcolors(maxcolors=1 << 20)}
+
+
+def test_pictures_show_who_served_and_what_failed(drawn):
+    _, _, page = drawn
+    failover, rolling = (_pixels(b) for b in re.findall(r"base64,([A-Za-z0-9+/=]+)", page))
+    nodes = timeline.node_colours(["worker-1"])
+    red = timeline.FAILED_COLOUR
+    assert failover.get(nodes["primary"]) and failover.get(nodes["standby"]) and nodes["worker-1"] not in failover
+    assert all(rolling.get(nodes[n]) for n in ("primary", "standby", "worker-1"))
+    # Red is a bar in the failover; in the clean rolling update it is only the legend's swatch.
+    assert failover.get(red, 0) > 5000 and rolling.get(red, 0) < 500
+
+
 def test_summary_table_shows_failures_highlighted(drawn):
     report, _, page = drawn
     node_down = _row(page, "node-down")
@@ -135,7 +154,7 @@ def test_a_limit_that_failed_is_marked(tmp_path):
     report = report_for(runs)
     report["scenarios"][0]["limits"]["failover_s"] = {"limit": 1.0, "got": 1.52, "ok": False}
     page = render_html(report, runs, tmp_path / "r.html").read_text()
-    assert '<span class="bad">failover_s 1.52 (limit 1.00, over)</span>' in _row(page, "node-down")
+    assert '<span class="bad">failover_s 1.52 (limit 1.00, not met)</span>' in _row(page, "node-down")
 
 
 def test_scenario_with_more_runs_than_drawn_says_so(tmp_path):
