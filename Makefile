@@ -9,6 +9,7 @@ RUFF    := $(VENV)/bin/ruff
 STACK   ?= prod
 PROFILE ?= fast
 RUNS    ?= 3
+API     ?= realistic
 # Debian packages the lab and the tests use (installed by `make setup-lab` when run as root).
 LAB_PACKAGES := keepalived nftables iproute2 postgresql shellcheck openssh-server openssh-client sudo pgloader sqlite3 curl python3-venv
 SHELL_SCRIPTS := $(wildcard scripts/mt-health scripts/*.sh .ci/run tests/lab/bin/*)
@@ -55,15 +56,15 @@ test-integration: setup  ## opt-in end-to-end test on a real DigitalOcean accoun
 plan: setup  ## offline plan of STACK (default prod) under mocks: plan/$(STACK).txt, no credentials needed
 	$(PY) scripts/plan.py --stack $(STACK) --out plan/$(STACK).txt
 
-demo: setup-lab setup  ## the pair failing over in the lab on this machine (root; no cloud account)
-	$(PY) -m tests.lab demo
+demo: setup-lab setup  ## the pair failing over in the lab on this machine (root; no cloud account): drill-report.html
+	$(PY) -m tests.lab demo --api $(API)
 
-drill: setup-lab setup  ## failover drill (PROFILE=fast|tutorial, RUNS=3): drill-report.json and a table
-	$(PY) -m tests.lab drill --profile $(PROFILE) --runs $(RUNS) --report drill-report.json
+drill: setup-lab setup  ## failover drill (PROFILE=fast|tutorial, RUNS=3, API=realistic|ideal): drill-report.json/.html
+	$(PY) -m tests.lab drill --profile $(PROFILE) --runs $(RUNS) --api $(API) --report drill-report.json
 
 lab-down:  ## tear the lab down if a run was interrupted
 	$(PY) -m tests.lab down
 
 clean:  ## remove caches and reports (keeps .venv)
-	rm -rf .pytest_cache .ruff_cache plan drill-report*.json
+	rm -rf .pytest_cache .ruff_cache plan drill-report*
 	find . -name __pycache__ -prune -exec rm -rf {} +

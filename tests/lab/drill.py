@@ -395,6 +395,7 @@ def run_extra(lab: Lab, name: str, workdir: Path) -> tuple[dict, list[dict]]:
     entry = EXTRA_SCENARIOS[name](lab, workdir, 1)
     t1 = time.time()
     entry["ip_moves"] = len(lab.moves(t0, t1))
+    entry.setdefault("limits", {})
     if name in EXTRA_MOVE_LIMITS:
         entry["limits"] = {**entry.get("limits", {}),
                            **check_limits(entry, {"ip_moves": EXTRA_MOVE_LIMITS[name]})}
@@ -534,7 +535,11 @@ def write_outputs(result: dict, timelines: list[dict], report: str) -> None:
     except ImportError as exc:
         print(f"(no picture: {exc})", file=sys.stderr)
         return
-    html = render_html(result, timelines, path.with_suffix(".html"))
+    try:
+        html = render_html(result, timelines, path.with_suffix(".html"))
+    except ValueError as exc:  # the report stands without its picture; say why there is none
+        print(f"(no picture: {exc})", file=sys.stderr)
+        return
     print(f"timeline: {os.path.abspath(html)}")
 
 
