@@ -27,10 +27,12 @@ from tests.lab.fakedo import Droplet, FakeDO
 
 TOKEN = "dop_v1_" + "a" * 64
 WRONG_TOKEN = "dop_v1_" + "b" * 64
+OTHER_TOKEN = "dop_v1_" + "c" * 64
 RIP = "203.0.113.10"
 RIP2 = "203.0.113.11"
 D1 = Droplet(id=101, name="primary", public_ipv4="192.0.2.11", private_ipv4="198.51.100.11")
 D2 = Droplet(id=102, name="standby", public_ipv4="192.0.2.12", private_ipv4="198.51.100.12")
+PENDING_422 = {"id": "unprocessable_entity", "message": "The floating IP already has a pending event."}
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -290,10 +292,7 @@ def test_second_action_while_pending_is_422_then_accepted(make_fake):
     assert first.status == 201
     second = assign(fake, 102)
     assert second.status == 422
-    assert second.json() == {
-        "id": "unprocessable_entity",
-        "message": "Reserved IP already has a pending event.",
-    }
+    assert second.json() == PENDING_422
     first_id = first.json()["action"]["id"]
     assert call(fake, "GET", "/_lab/state").json()["pending"] == {RIP: first_id}
     assert action_status(fake, first_id) == "in-progress"
@@ -369,7 +368,7 @@ def test_fault_429_carries_retry_after_and_ratelimit_headers(make_fake):
     assert r.status == 429
     assert r.json() == {"id": "too_many_requests", "message": "API Rate limit exceeded."}
     assert r.headers["retry-after"] == "7"
-    assert r.headers["ratelimit-remaining"] == "0" and r.headers["ratelimit-limit"] == "250"
+    assert r.headers["ratelimit-remaining"] == "0" and r.headers["ratelimit-limit"] == "5000"
     assert abs(int(r.headers["ratelimit-reset"]) - (time.time() + 7)) <= 2
 
 
@@ -377,7 +376,7 @@ def test_fault_422_is_the_pending_event_answer(make_fake):
     fake = make_fake()
     fake.inject(422)
     r = assign(fake, 101)
-    assert r.status == 422 and r.json()["message"] == "Reserved IP already has a pending event."
+    assert r.status == 422 and r.json() == PENDING_422
     assert fake.holder(RIP) is None
 
 
@@ -492,11 +491,14 @@ def test_bad_fault_arguments_are_refused(make_fake):
     assert fake.state()["faults_queued"] == 0
 
 
-def test_latency_delays_every_answer_and_can_be_changed(make_fake):
+def test_latency_delays_every_api_answer_but_not_metadata(make_fake):
     fake = make_fake(latency_s=0.25)
     t0 = time.monotonic()
-    assert call(fake, "GET", "/metadata/v1/id", token=None).status == 200
+    assert call(fake, "GET", f"/v2/reserved_ips/{RIP}").status == 200
     assert time.monotonic() - t0 >= 0.25
+    t0 = time.monotonic()
+    assert call(fake, "GET", "/metadata/v1/id", token=None).status == 200  # link-local on a droplet
+    assert time.monotonic() - t0 < 0.2
     fake.set_latency(0)
     t0 = time.monotonic()
     assert call(fake, "GET", f"/v2/reserved_ips/{RIP}").status == 200
@@ -506,18 +508,18 @@ def test_latency_delays_every_answer_and_can_be_changed(make_fake):
 # -- rate limiting -----------------------------------------------------------------------------
 
 
-def test_rate_limit_per_token_in_a_sliding_window(make_fake):
+def test_burst_limit_per_minute_is_429_with_retry_after_and_frees_as_requests_expire(make_fake):
     fake = make_fake(rate_limit_per_min=3, rate_window_s=0.6)
     remaining = []
     for _ in range(3):
         r = call(fake, "GET", f"/v2/reserved_ips/{RIP}")
-        assert r.status == 200 and r.headers["ratelimit-limit"] == "3"
+        assert r.status == 200 and r.headers["ratelimit-limit"] == "5000"  # the headers tell the hourly quota
         remaining.append(r.headers["ratelimit-remaining"])
-    assert remaining == ["2", "1", "0"]
+    assert remaining == ["4999", "4998", "4997"]
     r = assign(fake, 101)
-    assert r.status == 429 and r.json()["id"] == "too_many_requests"
-    assert int(r.headers["retry-after"]) >= 1 and r.headers["ratelimit-remaining"] == "0"
-    assert int(r.headers["ratelimit-reset"]) >= int(time.time())
+    assert r.status == 429 and r.json() == {"id": "too_many_requests", "message": "API Rate limit exceeded."}
+    assert r.headers["retry-after"] == "1"  # the oldest request leaves the 0.6 s window within a second
+    assert r.headers["ratelimit-remaining"] == "4997"  # a refused request is not counted
     assert fake.holder(RIP) is None
     # Other credentials, metadata and the control plane do not share this token's budget.
     assert call(fake, "GET", f"/v2/reserved_ips/{RIP}", token=WRONG_TOKEN).status == 401
@@ -527,11 +529,33 @@ def test_rate_limit_per_token_in_a_sliding_window(make_fake):
     assert assign(fake, 101).status == 201
 
 
+def test_hourly_quota_is_429_past_5000_style_limit_with_headers_at_zero(make_fake):
+    fake = make_fake(rate_limit_per_hour=3, rate_hour_window_s=0.8, rate_limit_per_min=100)
+    t0 = time.time()
+    answers = [call(fake, "GET", f"/v2/reserved_ips/{RIP}") for _ in range(3)]
+    assert [r.headers["ratelimit-remaining"] for r in answers] == ["2", "1", "0"]
+    assert all(r.headers["ratelimit-limit"] == "3" for r in answers)
+    # "reset" is when the oldest request of the hour expires (epoch seconds).
+    assert t0 <= int(answers[-1].headers["ratelimit-reset"]) <= t0 + 2
+    r = call(fake, "GET", f"/v2/reserved_ips/{RIP}")
+    assert r.status == 429 and r.headers["ratelimit-remaining"] == "0" and int(r.headers["retry-after"]) >= 1
+    time.sleep(0.85)
+    r = call(fake, "GET", f"/v2/reserved_ips/{RIP}")
+    assert r.status == 200 and r.headers["ratelimit-remaining"] == "2"
+
+
+def test_each_named_token_has_its_own_budget(make_fake):
+    fake = make_fake(tokens={"standby": OTHER_TOKEN}, rate_limit_per_min=2)
+    assert [call(fake, "GET", "/v2/reserved_ips").status for _ in range(3)] == [200, 200, 429]
+    assert call(fake, "GET", "/v2/reserved_ips", token=OTHER_TOKEN).status == 200
+
+
 def test_default_rate_limit_headers(make_fake):
     fake = make_fake()
+    assert fake.state()["settings"]["rate_limit_per_min"] == 250
     r = call(fake, "GET", "/v2/reserved_ips")
-    assert r.headers["ratelimit-limit"] == "250" and r.headers["ratelimit-remaining"] == "249"
-    assert int(r.headers["ratelimit-reset"]) >= int(time.time()) + 59
+    assert r.headers["ratelimit-limit"] == "5000" and r.headers["ratelimit-remaining"] == "4999"
+    assert int(r.headers["ratelimit-reset"]) >= int(time.time()) + 3599
 
 
 # -- metadata ----------------------------------------------------------------------------------
@@ -615,7 +639,8 @@ def test_request_log_shape_and_no_token_anywhere(make_fake, tmp_path, capfd):
         ("GET", 200, "missing"),
     ]
     first = entries[0]
-    assert set(first) == {"seq", "ts", "method", "path", "status", "source", "fault", "body", "auth"}
+    assert set(first) == {"seq", "ts", "method", "path", "status", "source", "fault", "body", "auth", "token"}
+    assert [e["token"] for e in entries] == ["default", None, None, "default", None]
     assert first["body"] == {"type": "assign", "droplet_id": 101} and first["source"] == "127.0.0.1"
     assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5]
     assert abs(first["ts"] - time.time()) < 30
@@ -647,7 +672,7 @@ def test_control_plane(make_fake):
     assert r.status == 200
     assert call(fake, "GET", "/_lab/state").json()["settings"]["action_delay_s"] == 0.1
     t0 = time.monotonic()
-    call(fake, "GET", "/metadata/v1/id", token=None)
+    call(fake, "GET", "/v2/reserved_ips", token=None)
     assert time.monotonic() - t0 >= 0.2
     t0 = time.monotonic()
     call(fake, "GET", "/_lab/state", token=None)  # the control plane is never slowed down
