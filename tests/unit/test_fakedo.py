@@ -23,14 +23,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.lab.fakedo import Droplet, FakeDO
+from tests.lab.fakedo import PRESETS, Droplet, FakeDO, from_config
 
 TOKEN = "dop_v1_" + "a" * 64
 WRONG_TOKEN = "dop_v1_" + "b" * 64
+OTHER_TOKEN = "dop_v1_" + "c" * 64
 RIP = "203.0.113.10"
 RIP2 = "203.0.113.11"
 D1 = Droplet(id=101, name="primary", public_ipv4="192.0.2.11", private_ipv4="198.51.100.11")
 D2 = Droplet(id=102, name="standby", public_ipv4="192.0.2.12", private_ipv4="198.51.100.12")
+PENDING_422 = {"id": "unprocessable_entity", "message": "The floating IP already has a pending event."}
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -290,10 +292,7 @@ def test_second_action_while_pending_is_422_then_accepted(make_fake):
     assert first.status == 201
     second = assign(fake, 102)
     assert second.status == 422
-    assert second.json() == {
-        "id": "unprocessable_entity",
-        "message": "Reserved IP already has a pending event.",
-    }
+    assert second.json() == PENDING_422
     first_id = first.json()["action"]["id"]
     assert call(fake, "GET", "/_lab/state").json()["pending"] == {RIP: first_id}
     assert action_status(fake, first_id) == "in-progress"
@@ -301,6 +300,31 @@ def test_second_action_while_pending_is_422_then_accepted(make_fake):
     assert time.monotonic() - t0 >= 0.3
     assert fake.holder(RIP) == 101
     assert assign(fake, 102).status == 201
+
+
+def test_droplet_in_a_pending_move_refuses_another_action_with_droplet_pending(make_fake):
+    droplet_pending = {"id": "unprocessable_entity", "message": "Droplet already has a pending event."}
+    fake = make_fake(reserved_ips={RIP: 101, RIP2: None}, action_delay_s=0.3)
+    moving = assign(fake, 102)  # RIP leaves 101 for 102: both droplets are busy until it completes
+    assert moving.status == 201
+    assert assign(fake, 102, ip=RIP2).json() == droplet_pending  # the target is busy
+    assert assign(fake, 101, ip=RIP2).json() == droplet_pending  # the holder it leaves is busy too
+    r = call(fake, "POST", f"/v2/reserved_ips/{RIP2}/actions", {"type": "unassign"})
+    assert r.status == 201  # RIP2 involves no busy droplet
+    assert fake.holder(RIP2) is None
+    assert fake.wait_for(lambda: action_status(fake, moving.json()["action"]["id"]) == "completed", 5)
+    assert assign(fake, 101, ip=RIP2).status == 201
+
+
+def test_assigning_to_the_current_holder_is_422_and_changes_nothing(make_fake):
+    calls = []
+    fake = make_fake(reserved_ips={RIP: 101}, on_assign=lambda ip, d: calls.append(d.id))
+    r = assign(fake, 101)
+    assert r.status == 422 and r.json()["id"] == "unprocessable_entity"
+    assert "already assigned" in r.json()["message"]
+    assert calls == [] and fake.moves() == [] and fake.state()["pending"] == {}
+    assert call(fake, "GET", f"/v2/reserved_ips/{RIP}/actions").json()["actions"] == []
+    assert assign(fake, 102).status == 201 and calls == [102]
 
 
 @pytest.mark.parametrize(
@@ -369,7 +393,7 @@ def test_fault_429_carries_retry_after_and_ratelimit_headers(make_fake):
     assert r.status == 429
     assert r.json() == {"id": "too_many_requests", "message": "API Rate limit exceeded."}
     assert r.headers["retry-after"] == "7"
-    assert r.headers["ratelimit-remaining"] == "0" and r.headers["ratelimit-limit"] == "250"
+    assert r.headers["ratelimit-remaining"] == "0" and r.headers["ratelimit-limit"] == "5000"
     assert abs(int(r.headers["ratelimit-reset"]) - (time.time() + 7)) <= 2
 
 
@@ -377,7 +401,7 @@ def test_fault_422_is_the_pending_event_answer(make_fake):
     fake = make_fake()
     fake.inject(422)
     r = assign(fake, 101)
-    assert r.status == 422 and r.json()["message"] == "Reserved IP already has a pending event."
+    assert r.status == 422 and r.json() == PENDING_422
     assert fake.holder(RIP) is None
 
 
@@ -492,11 +516,14 @@ def test_bad_fault_arguments_are_refused(make_fake):
     assert fake.state()["faults_queued"] == 0
 
 
-def test_latency_delays_every_answer_and_can_be_changed(make_fake):
+def test_latency_delays_every_api_answer_but_not_metadata(make_fake):
     fake = make_fake(latency_s=0.25)
     t0 = time.monotonic()
-    assert call(fake, "GET", "/metadata/v1/id", token=None).status == 200
+    assert call(fake, "GET", f"/v2/reserved_ips/{RIP}").status == 200
     assert time.monotonic() - t0 >= 0.25
+    t0 = time.monotonic()
+    assert call(fake, "GET", "/metadata/v1/id", token=None).status == 200  # link-local on a droplet
+    assert time.monotonic() - t0 < 0.2
     fake.set_latency(0)
     t0 = time.monotonic()
     assert call(fake, "GET", f"/v2/reserved_ips/{RIP}").status == 200
@@ -506,18 +533,18 @@ def test_latency_delays_every_answer_and_can_be_changed(make_fake):
 # -- rate limiting -----------------------------------------------------------------------------
 
 
-def test_rate_limit_per_token_in_a_sliding_window(make_fake):
+def test_burst_limit_per_minute_is_429_with_retry_after_and_frees_as_requests_expire(make_fake):
     fake = make_fake(rate_limit_per_min=3, rate_window_s=0.6)
     remaining = []
     for _ in range(3):
         r = call(fake, "GET", f"/v2/reserved_ips/{RIP}")
-        assert r.status == 200 and r.headers["ratelimit-limit"] == "3"
+        assert r.status == 200 and r.headers["ratelimit-limit"] == "5000"  # the headers tell the hourly quota
         remaining.append(r.headers["ratelimit-remaining"])
-    assert remaining == ["2", "1", "0"]
+    assert remaining == ["4999", "4998", "4997"]
     r = assign(fake, 101)
-    assert r.status == 429 and r.json()["id"] == "too_many_requests"
-    assert int(r.headers["retry-after"]) >= 1 and r.headers["ratelimit-remaining"] == "0"
-    assert int(r.headers["ratelimit-reset"]) >= int(time.time())
+    assert r.status == 429 and r.json() == {"id": "too_many_requests", "message": "API Rate limit exceeded."}
+    assert r.headers["retry-after"] == "1"  # the oldest request leaves the 0.6 s window within a second
+    assert r.headers["ratelimit-remaining"] == "4997"  # a refused request is not counted
     assert fake.holder(RIP) is None
     # Other credentials, metadata and the control plane do not share this token's budget.
     assert call(fake, "GET", f"/v2/reserved_ips/{RIP}", token=WRONG_TOKEN).status == 401
@@ -527,11 +554,33 @@ def test_rate_limit_per_token_in_a_sliding_window(make_fake):
     assert assign(fake, 101).status == 201
 
 
+def test_hourly_quota_is_429_past_5000_style_limit_with_headers_at_zero(make_fake):
+    fake = make_fake(rate_limit_per_hour=3, rate_hour_window_s=0.8, rate_limit_per_min=100)
+    t0 = time.time()
+    answers = [call(fake, "GET", f"/v2/reserved_ips/{RIP}") for _ in range(3)]
+    assert [r.headers["ratelimit-remaining"] for r in answers] == ["2", "1", "0"]
+    assert all(r.headers["ratelimit-limit"] == "3" for r in answers)
+    # "reset" is when the oldest request of the hour expires (epoch seconds).
+    assert t0 <= int(answers[-1].headers["ratelimit-reset"]) <= t0 + 2
+    r = call(fake, "GET", f"/v2/reserved_ips/{RIP}")
+    assert r.status == 429 and r.headers["ratelimit-remaining"] == "0" and int(r.headers["retry-after"]) >= 1
+    time.sleep(0.85)
+    r = call(fake, "GET", f"/v2/reserved_ips/{RIP}")
+    assert r.status == 200 and r.headers["ratelimit-remaining"] == "2"
+
+
+def test_each_named_token_has_its_own_budget(make_fake):
+    fake = make_fake(tokens={"standby": OTHER_TOKEN}, rate_limit_per_min=2)
+    assert [call(fake, "GET", "/v2/reserved_ips").status for _ in range(3)] == [200, 200, 429]
+    assert call(fake, "GET", "/v2/reserved_ips", token=OTHER_TOKEN).status == 200
+
+
 def test_default_rate_limit_headers(make_fake):
     fake = make_fake()
+    assert fake.state()["settings"]["rate_limit_per_min"] == 250
     r = call(fake, "GET", "/v2/reserved_ips")
-    assert r.headers["ratelimit-limit"] == "250" and r.headers["ratelimit-remaining"] == "249"
-    assert int(r.headers["ratelimit-reset"]) >= int(time.time()) + 59
+    assert r.headers["ratelimit-limit"] == "5000" and r.headers["ratelimit-remaining"] == "4999"
+    assert int(r.headers["ratelimit-reset"]) >= int(time.time()) + 3599
 
 
 # -- metadata ----------------------------------------------------------------------------------
@@ -615,7 +664,8 @@ def test_request_log_shape_and_no_token_anywhere(make_fake, tmp_path, capfd):
         ("GET", 200, "missing"),
     ]
     first = entries[0]
-    assert set(first) == {"seq", "ts", "method", "path", "status", "source", "fault", "body", "auth"}
+    assert set(first) == {"seq", "ts", "method", "path", "status", "source", "fault", "body", "auth", "token"}
+    assert [e["token"] for e in entries] == ["default", None, None, "default", None]
     assert first["body"] == {"type": "assign", "droplet_id": 101} and first["source"] == "127.0.0.1"
     assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5]
     assert abs(first["ts"] - time.time()) < 30
@@ -647,7 +697,7 @@ def test_control_plane(make_fake):
     assert r.status == 200
     assert call(fake, "GET", "/_lab/state").json()["settings"]["action_delay_s"] == 0.1
     t0 = time.monotonic()
-    call(fake, "GET", "/metadata/v1/id", token=None)
+    call(fake, "GET", "/v2/reserved_ips", token=None)
     assert time.monotonic() - t0 >= 0.2
     t0 = time.monotonic()
     call(fake, "GET", "/_lab/state", token=None)  # the control plane is never slowed down
@@ -671,6 +721,135 @@ def test_control_plane(make_fake):
     lab_paths = [e["path"] for e in fake.requests() if e["path"].startswith("/_lab/")]
     assert len(lab_paths) >= 10  # logged, and none of them was rate limited (limit is 2)
     assert all(e["status"] != 429 for e in fake.requests())
+
+
+# -- timing presets and the record of IP moves ---------------------------------------------------
+
+
+def test_presets_name_the_timings_and_settings_can_mix_them(make_fake):
+    assert PRESETS == {
+        "ideal": {"latency_s": 0.0, "action_delay_s": 0.0},
+        "realistic": {"latency_s": 0.3, "action_delay_s": 5.0},
+    }
+    fake = make_fake()
+    assert fake.settings()["preset"] == "ideal"
+    r = call(fake, "POST", "/_lab/settings", {"preset": "realistic"}, token=None)
+    assert r.status == 200
+    assert {k: r.json()["settings"][k] for k in ("preset", "latency_s", "action_delay_s")} == {
+        "preset": "realistic",
+        "latency_s": 0.3,
+        "action_delay_s": 5.0,
+    }
+    t0 = time.monotonic()
+    first = assign(fake, 101)
+    assert time.monotonic() - t0 >= 0.3
+    assert first.json()["action"]["status"] == "in-progress"
+    assert fake.holder(RIP) is None  # 5 s to go: the test stops the fake before it completes
+    # A preset and an explicit value: the value wins; nothing changes when any value is bad.
+    r = call(fake, "POST", "/_lab/settings", {"preset": "realistic", "action_delay_s": 0.2}, token=None)
+    assert r.json()["settings"]["action_delay_s"] == 0.2 and r.json()["settings"]["preset"] is None
+    for bad in ({"preset": "fast"}, {"preset": "ideal", "latency_s": -1}, {"rate_limit_per_hour": 0}):
+        assert call(fake, "POST", "/_lab/settings", bad, token=None).status == 400
+    assert fake.settings()["latency_s"] == 0.3 and fake.settings()["rate_limit_per_hour"] == 5000
+
+
+def test_traffic_stays_on_the_old_holder_until_the_action_completes(make_fake):
+    edge: list[tuple[float, int]] = []
+    fake = make_fake(reserved_ips={RIP: 101}, on_assign=lambda ip, d: edge.append((time.time(), d.id)))
+    fake.set_action_delay(0.3)
+    t0 = time.time()
+    action_id = assign(fake, 102).json()["action"]["id"]
+    time.sleep(0.15)
+    # Half-way: the edge has not been touched, the API and the metadata still name the old holder.
+    assert edge == [] and fake.holder(RIP) == 101
+    assert call(fake, "GET", "/metadata/v1/reserved_ip/ipv4/active", token=None, source="127.0.0.2").body == b"false"
+    [pending] = fake.state()["in_progress"]
+    assert pending == {
+        "ip": RIP,
+        "kind": "assign",
+        "from": 101,
+        "to": 102,
+        "action_id": action_id,
+        "requested_at": pending["requested_at"],
+    }
+    assert t0 <= pending["requested_at"] <= t0 + 0.1
+    assert fake.wait_for(lambda: action_status(fake, action_id) == "completed", 5)
+    assert len(edge) == 1 and edge[0][1] == 102 and edge[0][0] >= t0 + 0.3
+    assert fake.holder(RIP) == 102 and fake.in_progress() == []
+
+
+def test_moves_record_each_completed_assign_that_changed_the_holder(make_fake):
+    fail_next = []
+
+    def edge(ip, droplet):
+        if fail_next:
+            raise OSError(fail_next.pop())
+
+    fake = make_fake(reserved_ips={RIP: None, RIP2: None}, on_assign=edge)
+    fake.set_holder(RIP2, 102)  # lab setup, not a move
+    t0 = time.time()
+    first = assign(fake, 101).json()["action"]["id"]
+    fail_next.append("edge down")
+    assert action_status(fake, assign(fake, 102).json()["action"]["id"]) == "errored"  # no move
+    assert call(fake, "POST", f"/v2/reserved_ips/{RIP2}/actions", {"type": "unassign"}).status == 201
+    t1 = time.time()
+    second = assign(fake, 102).json()["action"]["id"]
+    moves = fake.moves()
+    assert [(m["ip"], m["from"], m["to"], m["action_id"]) for m in moves] == [
+        (RIP, None, 101, first),
+        (RIP, 101, 102, second),
+    ]
+    for m in moves:
+        assert set(m) == {"ip", "from", "to", "action_id", "requested_at", "completed_at"}
+        assert t0 <= m["requested_at"] <= m["completed_at"] <= time.time()
+    assert [m["action_id"] for m in fake.moves(since=t1)] == [second]
+    assert call(fake, "GET", f"/_lab/moves?since={t1}").json() == fake.moves(since=t1)
+    assert call(fake, "GET", "/_lab/state").json()["moves"] == moves
+    assert call(fake, "GET", "/_lab/moves?since=yesterday").status == 400
+
+
+def test_an_assign_that_finds_its_target_already_holding_is_no_move(make_fake):
+    fake = make_fake(reserved_ips={RIP: 101}, action_delay_s=0.2)
+    action_id = assign(fake, 102).json()["action"]["id"]
+    fake.set_holder(RIP, 102, run_hook=False)  # the lab moved it by hand meanwhile
+    assert fake.wait_for(lambda: action_status(fake, action_id) == "completed", 5)
+    assert fake.holder(RIP) == 102 and fake.moves() == []
+
+
+# -- named tokens, revocable --------------------------------------------------------------------
+
+
+def test_a_revoked_token_answers_401_until_restored_and_the_log_names_it(make_fake, tmp_path):
+    log = tmp_path / "requests.jsonl"
+    fake = make_fake(token=None, tokens={"primary": TOKEN, "standby": OTHER_TOKEN}, log_path=log)
+    assert fake.state()["tokens"] == {"primary": {"revoked": False}, "standby": {"revoked": False}}
+    r = call(fake, "POST", "/_lab/revoke", {"name": "standby"}, token=None)
+    assert r.status == 200 and r.json()["tokens"]["standby"] == {"revoked": True}
+    body = {"type": "assign", "droplet_id": 102}
+    refused = call(fake, "POST", f"/v2/reserved_ips/{RIP}/actions", body, token=OTHER_TOKEN)
+    assert refused.status == 401 and refused.json() == {"id": "Unauthorized", "message": "Unable to authenticate you"}
+    assert fake.holder(RIP) is None
+    assert call(fake, "GET", f"/v2/reserved_ips/{RIP}").status == 200  # the other token still works
+    assert call(fake, "POST", "/_lab/restore", {"name": "standby"}, token=None).status == 200
+    assert call(fake, "GET", f"/v2/reserved_ips/{RIP}", token=OTHER_TOKEN).status == 200
+    assert call(fake, "POST", "/_lab/revoke", {"name": "nobody"}, token=None).status == 404
+    assert call(fake, "POST", "/_lab/revoke", {}, token=None).status == 400
+    fake.stop()
+    v2 = [(e["auth"], e["token"], e["status"]) for e in fake.requests() if e["path"].startswith("/v2/")]
+    assert v2 == [("revoked", "standby", 401), ("ok", "primary", 200), ("ok", "standby", 200)]
+    text = log.read_text()
+    assert TOKEN not in text and OTHER_TOKEN not in text
+
+
+def test_tokens_are_checked_when_built():
+    with pytest.raises(ValueError, match="at least one token"):
+        FakeDO()
+    with pytest.raises(ValueError, match="same value") as exc:
+        FakeDO(token=TOKEN, tokens={"standby": TOKEN})
+    assert TOKEN not in str(exc.value)
+    with pytest.raises(ValueError, match="'standby'") as exc:
+        FakeDO(tokens={"standby": "two words"})
+    assert "two words" not in str(exc.value)
 
 
 # -- lifecycle and CLI -------------------------------------------------------------------------
@@ -774,10 +953,46 @@ def test_cli_serves_from_a_config_file_and_exits_0_on_sigterm(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "extra", [{"token": TOKEN}, {"token_file": "/nonexistent/token"}, {"listen": "8.8.8.8:80"}]
+    "extra",
+    [
+        {"token": TOKEN},
+        {"tokens": {"standby": TOKEN}},
+        {"token_file": "/nonexistent/token"},
+        {"token_files": {"standby": "/nonexistent/token"}},
+        {"token_files": ["/tmp/token"]},
+        {"listen": "8.8.8.8:80"},
+        {"preset": "warp"},
+        {"latency": 1},
+    ],
+    ids=["token", "tokens", "no-file", "no-named-file", "files-list", "listen", "preset", "unknown-key"],
 )
 def test_cli_refuses_a_bad_config_with_exit_2(tmp_path, extra):
     proc = _start_cli(_cli_config(tmp_path, **extra))
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 2
     assert "config error" in err and TOKEN not in out + err
+
+
+def test_config_names_token_files_and_a_preset_with_overrides(tmp_path):
+    standby = tmp_path / "standby-token"
+    standby.write_text(OTHER_TOKEN + "\n")
+    standby.chmod(0o600)
+    config = json.loads(_cli_config(tmp_path).read_text())
+    del config["latency_s"], config["action_delay_s"]
+    config.update({"token_files": {"standby": str(standby)}, "preset": "realistic", "action_delay_s": 0.2})
+    fake, ready = from_config(config)
+    try:
+        assert ready == tmp_path / "ready"
+        settings = fake.settings()
+        assert (settings["latency_s"], settings["action_delay_s"], settings["preset"]) == (0.3, 0.2, None)
+        assert fake.state()["tokens"] == {"default": {"revoked": False}, "standby": {"revoked": False}}
+        fake.set_latency(0)
+        fake.start()
+        assert call(fake, "GET", f"/v2/reserved_ips/{RIP}", token=OTHER_TOKEN).status == 200
+        assert call(fake, "GET", f"/v2/reserved_ips/{RIP}", token=TOKEN).status == 200
+        assert [e["token"] for e in fake.requests()] == ["standby", "default"]
+    finally:
+        fake.stop()
+    config["token_files"] = {"default": str(standby)}
+    with pytest.raises(ValueError, match="default"):
+        from_config(config)
