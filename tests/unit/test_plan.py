@@ -265,16 +265,17 @@ def test_staging_vpc_range_does_not_overlap_prods():
     assert not ipaddress.ip_network(staging.vpc_ip_range).overlaps(ipaddress.ip_network(prod.vpc_ip_range))
 
 
-def test_staging_references_prods_deploy_key_by_fingerprint():
-    """DigitalOcean refuses a second SshKey with the same public key, so staging (and each per-PR
-    stack) names the key prod registers by its MD5 fingerprint; rotating prod's key means
-    updating this fingerprint too."""
+def test_staging_names_its_own_deploy_key_by_fingerprint_never_prods():
+    """Staging's jobs hold STAGING_SSH_PRIVATE_KEY, not prod's key; a stack that pinned prod's
+    fingerprint would install prod's key and that private key could not log in. By fingerprint
+    because every per-PR stack copies the file and DigitalOcean registers a public key only once."""
     import base64
     import hashlib
 
     prod_key = yaml.safe_load(PROD.read_text())["config"]["minitwit-ha:sshPublicKey"].split()[1]
     blob = base64.b64decode(prod_key + "=" * (-len(prod_key) % 4))
     md5 = hashlib.md5(blob).hexdigest()  # noqa: S324 - DigitalOcean names keys by MD5 fingerprint
-    fingerprint = ":".join(md5[i:i + 2] for i in range(0, 32, 2))
-    assert load(STAGING, "staging").ssh_key_fingerprints == (fingerprint,)
-    assert load(STAGING, "staging").ssh_public_key is None
+    prods = ":".join(md5[i:i + 2] for i in range(0, 32, 2))
+    staging = load(STAGING, "staging")
+    assert staging.ssh_public_key is None and len(staging.ssh_key_fingerprints) == 1
+    assert prods not in staging.ssh_key_fingerprints

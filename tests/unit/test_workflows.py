@@ -21,7 +21,7 @@ from tests.support.needs import missing_binaries, need
 
 WORKFLOW_DIR = ROOT / ".github" / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.y*ml"))
-EXPECTED = {"preview.yml", "plan-comment.yml", "deploy.yml", "staging.yml"}
+EXPECTED = {"preview.yml", "plan-comment.yml", "deploy.yml", "staging.yml", "rolling-update.yml", "images.yml"}
 # GitHub's runners stopped running node20 actions on 2026-09-23: the first node24 major of each.
 MIN_MAJOR = {"actions/checkout": 5, "actions/setup-python": 6, "actions/upload-artifact": 6,
              "actions/download-artifact": 7, "actions/github-script": 8, "pulumi/actions": 7}
@@ -67,7 +67,7 @@ def walk(node, path=()):
         yield path, node
 
 
-def test_the_four_workflows_exist():
+def test_the_six_workflows_exist():
     assert {p.name for p in WORKFLOWS} >= EXPECTED
 
 
@@ -190,6 +190,9 @@ esac
 
 
 def run_step(step: dict, cwd: Path, bin_dir: Path, **env) -> subprocess.CompletedProcess:
+    """A step's script, as the runner runs it, in `cwd` (which gets the repository's scripts/)."""
+    if not (cwd / "scripts").exists():
+        (cwd / "scripts").symlink_to(ROOT / "scripts")
     full = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(cwd), "STACK": "prod"}
     full.update({k: v for k, v in step.get("env", {}).items() if "${{" not in str(v)})
     full.update(env)
@@ -415,9 +418,9 @@ def test_the_reserved_ip_ignores_droplet_id_so_a_failover_is_not_drift():
 def test_staging_has_manual_up_destroy_and_recreate():
     doc = load("staging.yml")
     action = doc["on"]["workflow_dispatch"]["inputs"]["action"]
-    assert action["type"] == "choice" and action["options"] == ["up", "destroy", "recreate"]
+    assert action["type"] == "choice" and action["options"] == ["up", "destroy", "recreate", "sweep"]
     job = doc["jobs"]["staging"]
-    assert job["env"]["STACK"] == "staging" and job["concurrency"]["group"] == "pulumi-staging"
+    assert "inputs.action != 'sweep'" in job["if"] and job["concurrency"]["group"] == "pulumi-staging"
     by_command = {s["with"]["command"]: s for _, s in steps(doc, "staging") if "command" in s.get("with", {})}
     assert by_command["destroy"]["if"] == "inputs.action != 'up'"      # destroy and recreate
     assert by_command["up"]["if"] == "inputs.action != 'destroy'"      # up and recreate (after the destroy)
@@ -429,8 +432,10 @@ def test_per_pr_stacks_follow_the_staging_label_and_the_pull_requests_life():
     doc = load("staging.yml")
     assert set(doc["on"]["pull_request"]["types"]) >= {"labeled", "unlabeled", "synchronize", "closed"}
     up, down = doc["jobs"]["pr-up"], doc["jobs"]["pr-destroy"]
+    # The stack of a pull request's event is staging-pr-N; of any other event, staging.
+    assert doc["env"]["STACK"] == ("${{ github.event_name == 'pull_request' && format('staging-pr-{0}', "
+                                   "github.event.pull_request.number) || 'staging' }}")
     for job in (up, down):
-        assert job["env"]["STACK"] == "staging-pr-${{ github.event.pull_request.number }}"
         assert job["concurrency"]["group"] == "pulumi-staging-pr-${{ github.event.pull_request.number }}"
         assert "github.event.pull_request.head.repo.full_name == github.repository" in job["if"]
     assert "github.event.label.name == 'staging'" in up["if"] and "closed" in down["if"]
