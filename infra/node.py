@@ -266,10 +266,12 @@ vrrp_script chk_flag {{
 }}
 {services}{watcher}{holder}
 vrrp_instance minitwit {{
-    # Both nodes start BACKUP with nopreempt: after a failover, a recovered node never grabs the
-    # reserved IP back (that would be a second, needless interruption).
+    # Both nodes start BACKUP, and preempt: the holder of the reserved IP outranks the other node
+    # by {HOLDER_WEIGHT} (track_file reserved_ip_holder), so a preemption only ever hands MASTER to
+    # the node traffic already reaches. A recovered node never grabs the IP back (it does not hold
+    # it, so it ranks lower), and a MASTER that does not hold the IP (after both keepalived
+    # restarted, or a takeover that raced a recovery) yields to the holder without an IP move.
     state BACKUP
-    nopreempt
     # VRRP stays on the VPC interface; DigitalOcean Cloud Firewalls cannot pass it (IP protocol
     # 112), so the host nftables ruleset admits it from the peer only.
     interface {facts.private_interface}

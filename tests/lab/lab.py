@@ -18,6 +18,7 @@ State (PIDs, namespaces, paths) lives in $LAB_ROOT/state.json so `up`, `fault`, 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pwd
@@ -311,12 +312,20 @@ class Lab:
     def _api(self) -> None:
         api_dir = LAB_ROOT / "api"
         api_dir.mkdir(mode=0o700, exist_ok=True)
+        # The operator's token (rollouts, status) and one failover token per node, as on
+        # DigitalOcean, so one node's token can be revoked alone. LAB_TOKEN plants a known value.
         token = os.environ.get("LAB_TOKEN") or "dop_v1_" + secrets.token_hex(32)
         _write(api_dir / "token", token + "\n", 0o600)
         self.state["token_file"] = str(api_dir / "token")
+        self.state["node_token_files"] = {}
+        for node in NODES:
+            node_token = "dop_v1_" + hashlib.sha256(f"{token}/{node}".encode()).hexdigest()
+            _write(api_dir / f"token-{node}", node_token + "\n", 0o600)
+            self.state["node_token_files"][node] = str(api_dir / f"token-{node}")
         config = {
             "listen": f"{API_ADDR}:{API_PORT}",
             "token_file": str(api_dir / "token"),
+            "token_files": self.state["node_token_files"],
             "region": "fra1",
             "droplets": [{"id": DROPLET_ID[n], "name": n, "public_ipv4": PUBLIC[n], "private_ipv4": PRIVATE[n]}
                          for n in NODES],
@@ -365,7 +374,7 @@ class Lab:
         bindir.mkdir(mode=0o755, exist_ok=True)
         shutil.copy2(REPO / "tests" / "lab" / "bin" / "docker", bindir / "docker")
         os.chmod(bindir / "docker", 0o755)
-        token = Path(self.state["token_file"]).read_text()
+        token = Path(self.state["node_token_files"][node]).read_text()
         _write(Path(paths.token_file), token, 0o600)
         _write(Path(paths.app_env), f"DATABASE_URL={self.db_url()}\n", 0o600)
         _write(root / "etc" / "minitwit-lab" / "node.env",
@@ -527,25 +536,22 @@ class Lab:
         return self.state.get("api", {"preset": "ideal", "action_s": 0.0, "latency_s": 0.0})
 
     def moves(self, since: float = 0.0, until: float | None = None) -> list[dict]:
-        """Completed assigns that moved the reserved IP to another droplet, from the fake API's
-        own record: [{"t": completed (epoch), "from": node|None, "to": node}], completed within
-        [since, until]. The lab's first assignment (from nobody) counts as a move too."""
+        """Completed assigns that moved the reserved IP to another droplet, from the fake API's own
+        record: [{"t": completed (epoch), "requested": accepted (epoch), "from": node|None, "to": node}],
+        completed within [since, until]."""
         names = {v: k for k, v in DROPLET_ID.items()}
-        out, holder = [], None
-        for e in self.api_events():
-            if e.get("event") != "hook" or e.get("kind") != "assign" or not e.get("ok"):
-                continue
-            to = names.get(e.get("droplet_id"))
-            if to != holder:
-                if e["ts"] >= since and (until is None or e["ts"] <= until):
-                    out.append({"t": e["ts"], "from": holder, "to": to})
-                holder = to
-        return out
-
-    def api_events(self) -> list[dict]:
         out = in_ns("client", "curl", "--fail", "--silent", "--show-error", "--max-time", "3",
-                    f"http://{API_ADDR}:{API_PORT}/_lab/events", check=False)
-        return json.loads(out.stdout) if out.returncode == 0 and out.stdout else []
+                    f"http://{API_ADDR}:{API_PORT}/_lab/moves?since={since}", check=False)
+        moves = json.loads(out.stdout) if out.returncode == 0 and out.stdout else []
+        if isinstance(moves, dict):
+            moves = moves.get("moves", [])
+        return [{"t": m["completed_at"], "requested": m["requested_at"], "from": names.get(m["from"]),
+                 "to": names.get(m["to"])}
+                for m in moves if m["completed_at"] >= since and (until is None or m["completed_at"] <= until)]
+
+    def revoke_token(self, node: str, revoked: bool = True) -> None:
+        """Revoke (or restore) a node's failover token at the fake API."""
+        self.api_post("/_lab/revoke" if revoked else "/_lab/restore", {"name": node})
 
     def assign_requests(self, since: float = 0.0, until: float | None = None) -> list[dict]:
         """Assign POSTs the fake API received in the window (its request log): who asked, when,
@@ -661,6 +667,8 @@ class Lab:
         from urllib.parse import unquote, urlsplit
 
         out = {"failover token": Path(self.state["token_file"]).read_text().strip()}
+        for node, path in self.state.get("node_token_files", {}).items():
+            out[f"failover token ({node})"] = Path(path).read_text().strip()
         password = urlsplit(self.db_url()).password
         if password:
             out["database password"] = unquote(password)
@@ -668,7 +676,8 @@ class Lab:
 
     def secret_homes(self) -> set[Path]:
         """The only files a secret may be in: its own 0600 destinations."""
-        homes = {Path(self.state["token_file"]), Path(self.state["db"]["url_file"])}
+        homes = {Path(self.state["token_file"]), Path(self.state["db"]["url_file"]),
+                 *map(Path, self.state.get("node_token_files", {}).values())}
         for node in NODES:
             homes |= {Path(node_paths(node).token_file), Path(node_paths(node).app_env)}
         return homes

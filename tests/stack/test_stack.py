@@ -127,7 +127,9 @@ def test_keepalived_conf_uses_own_ip_as_source_and_the_other_as_peer(stack_run, 
     assert re.search(rf"^\s*unicast_src_ip {re.escape(nodes[node]['private_ipv4'])}$", conf, re.M)
     peers = re.search(r"unicast_peer \{\s*([^}]*)\}", conf).group(1).split()
     assert peers == [nodes[peer]["private_ipv4"]]
-    assert re.search(r"^\s*state BACKUP$", conf, re.M) and re.search(r"^\s*nopreempt$", conf, re.M)
+    # Both start BACKUP; no nopreempt: the holder of the reserved IP outranks the other by its weight.
+    assert re.search(r"^\s*state BACKUP$", conf, re.M) and not re.search(r"^\s*nopreempt$", conf, re.M)
+    assert re.search(r'track_file reserved_ip_holder \{\s*file "/run/minitwit-ha/holder"\s*weight 100', conf)
     assert "enable_script_security" in conf
     assert re.search(r'notify "/usr/libexec/minitwit-ha/mt-failover notify" root', conf)
     assert f"priority {150 if node == 'primary' else 100}" in conf

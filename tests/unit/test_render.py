@@ -101,9 +101,9 @@ def test_rendered_keepalived_conf_passes_keepalived_t(rendered, role, tmp_path):
 def test_keepalived_t_check_catches_a_broken_file(rendered, tmp_path):
     """The acceptance rule (exit 0/143 and no output) must reject real mistakes."""
     _need_keepalived()
-    bad = rendered["primary"]["keepalived.conf"].replace("nopreempt", "nopreemt")
+    bad = rendered["primary"]["keepalived.conf"].replace("vrrp_check_unicast_src", "vrrp_check_unicast_srcc")
     rc, out = keepalived_check(bad, tmp_path)
-    assert "Unknown keyword 'nopreemt'" in out
+    assert "Unknown keyword 'vrrp_check_unicast_srcc'" in out
 
 
 def test_tutorial_profile_also_passes(tmp_path):
