@@ -197,7 +197,7 @@ class NodeChain:
                 reserved_ip=rip, priority=PRIORITY[node], router_id=s.vrrp_router_id,
                 private_interface=s.private_interface, admin_cidrs=s.admin_cidrs, http_ports=s.http_ports,
                 health_url=s.health_url, profile=PROFILES[s.failover_profile], compose_project=COMPOSE_PROJECT,
-                paths=paths,
+                paths=paths, app_image=s.app_image,
             )
 
         rendered: Output[list[NodeFile]] = Output.all(

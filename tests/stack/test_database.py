@@ -18,7 +18,7 @@ MOCK_USER_PASSWORD = "mock-user-password"  # what DoMocks gives a DatabaseUser
 
 
 def test_managed_declares_cluster_database_user_and_firewall_in_the_vpc():
-    run = run_stack(base_config(database="managed", databaseNodeCount=2, protect=True))
+    run = run_stack(base_config(database="managed", databaseNodeCount=2, databaseSize="db-s-1vcpu-2gb", protect=True))
     clusters = run.mocks.of_type(CLUSTER)
     assert len(clusters) == 1
     c = clusters[0]

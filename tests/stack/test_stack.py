@@ -259,3 +259,18 @@ def test_bad_config_declares_nothing():
         run_stack(base_config(vpcIpRange="8.8.8.0/24", adminCidrs=[]), mocks=mocks)
     assert "vpcIpRange" in str(err.value) and "adminCidrs" in str(err.value)
     assert mocks.resources == []
+
+
+def test_app_image_reaches_each_nodes_compose_env_and_a_change_reruns_only_the_app_steps():
+    run = run_stack(base_config(appImage="ghcr.io/team/minitwit"))
+    for node in NODES:
+        files = archive_files(run, f"minitwit-test-{node}-app")
+        mode, text = files["/srv/minitwit/stack.env"]
+        assert mode == 0o644 and "MINITWIT_IMAGE=ghcr.io/team/minitwit" in text.splitlines()
+        assert "${MINITWIT_IMAGE:?" in files["/srv/minitwit/compose.yaml"][1]
+        # The step merges it into the .env compose reads, beside the rollout's MINITWIT_VERSION.
+        assert "/srv/minitwit/stack.env /srv/minitwit/.env" in run.mocks.named(f"minitwit-test-{node}-app").plain("create")
+    after = _step_triggers(run_stack(base_config(appImage="ghcr.io/team/other")))
+    before = _step_triggers(run)
+    changed = sorted(name for name in before if before[name] != after[name])
+    assert changed == ["minitwit-test-primary-app", "minitwit-test-ready", "minitwit-test-standby-app"]
