@@ -26,6 +26,8 @@ def build(settings: Settings, project_dir: Path = PROJECT_DIR) -> dict[str, Any]
         "vpc_id": pair.vpc.id,
         "nodes": pair.nodes,
         "database_host": pair.database.host,
+        # Secret: the app's own database URI (public host), for `migrate_db.py --to stack:NAME`.
+        "database_uri": pair.database.app_uri,
     }
 
 
