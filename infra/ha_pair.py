@@ -23,6 +23,7 @@ import pulumi_digitalocean as do
 from pulumi import Output, ResourceOptions
 
 from infra import steps
+from infra.adopt import stack_tag
 from infra.cloudinit import render_cloud_init
 from infra.database import GrantsStep, SharedDatabase
 from infra.node import (
@@ -54,8 +55,7 @@ class HaPairArgs:
 
 
 def _tags(settings: Settings, node: str) -> list[str]:
-    stack = "".join(c if c.isalnum() or c in "-_:" else "-" for c in settings.stack)
-    return ["minitwit-ha", f"minitwit-ha:{stack}", f"minitwit-ha:{node}"]
+    return ["minitwit-ha", stack_tag(settings.stack), f"minitwit-ha:{node}"]
 
 
 def _hostname(name: str, node: str) -> str:

@@ -275,3 +275,25 @@ def test_app_image_reaches_each_nodes_compose_env_and_a_change_reruns_only_the_a
     before = _step_triggers(run)
     changed = sorted(name for name in before if before[name] != after[name])
     assert changed == ["minitwit-test-primary-app", "minitwit-test-ready", "minitwit-test-standby-app"]
+
+
+def test_an_adopted_reserved_ip_held_by_another_droplet_is_refused_unless_taken_over():
+    from infra.offline import DoMocks
+    from infra.settings import SettingsError
+
+    cfg = base_config(reservedIp="203.0.113.50")
+    old_server = DoMocks(reserved_ip_holder=31337, droplet_tags={31337: ["web"]})
+    with pytest.raises(SettingsError) as err:
+        run_stack(cfg, mocks=old_server)
+    message = str(err.value)
+    assert "minitwit-ha:reservedIp: 203.0.113.50 is assigned to droplet 31337 (droplet-31337)" in message
+    assert "reservedIpTakeover" in message and "nothing was created" in message
+    assert old_server.resources == []  # refused before any resource was declared
+    # The operator says so: adopted as usual, and still never assigned by Pulumi.
+    run = run_stack(base_config(reservedIp="203.0.113.50", reservedIpTakeover=True),
+                    mocks=DoMocks(reserved_ip_holder=31337, droplet_tags={31337: ["web"]}))
+    assert run.outputs["reserved_ip"].value == "203.0.113.50"
+    # Held by one of this stack's own droplets (after a failover) or by nobody: no question asked.
+    for mocks in (DoMocks(reserved_ip_holder=400000001, droplet_tags={400000001: ["minitwit-ha:test"]}),
+                  DoMocks()):
+        assert run_stack(cfg, mocks=mocks).outputs["reserved_ip"].value == "203.0.113.50"
