@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from infra import steps
+from infra.database import grants_command
 from infra.node import (
     STEP_APP,
     STEP_FAILOVER,
@@ -213,6 +214,7 @@ def test_the_step_scripts_are_shellcheck_clean(tmp_path):
         "failover": steps.failover_command(paths), "firewall": steps.firewall_command(paths, ("198.51.100.0/24",)),
         "keepalived": steps.keepalived_command(paths), "app": steps.app_command(paths, "minitwit"),
         "registry": steps.registry_login_command("registry.digitalocean.com", "ci"),
+        "db-grants": grants_command("private-db.example.invalid", 25060, "doadmin"),
     }.items():
         script = tmp_path / f"{name}.sh"
         script.write_text("#!/bin/sh\n" + text)
