@@ -8,10 +8,18 @@
 
 Whatever the mode, each node gets the result as DATABASE_URL in a root-only 0600 env file
 (/srv/minitwit/app.env, read by the compose services); the URI stays a secret Output end to end.
+
+Rights, as DigitalOcean gives them: the cluster's `doadmin` owns the databases the API creates,
+and a user created through the API is a plain login role. On PostgreSQL 15+ only the database
+owner may create in `public`, so the app user could neither create its tables nor read tables
+doadmin creates (a migration run as doadmin). `grant_sql()` fixes both; one node runs it as
+doadmin over the VPC (the cluster trusts only the droplets), the password on stdin.
 """
 
 from __future__ import annotations
 
+import shlex
+from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 import pulumi
@@ -19,6 +27,7 @@ import pulumi_digitalocean as do
 from pulumi import Output, ResourceOptions
 
 from infra.settings import Settings
+from infra.steps import digest as _digest
 
 APP_DB = "minitwit"
 APP_USER = "minitwit"
@@ -34,6 +43,65 @@ def app_env_text(uri: str | None) -> str:
     return header + f"DATABASE_URL={uri}\n"
 
 
+# What the app user may do to tables and sequences in `public` that it does not own.
+TABLE_RIGHTS = "SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER"
+SEQUENCE_RIGHTS = "USAGE, SELECT, UPDATE"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def grant_sql(db: str = APP_DB, user: str = APP_USER) -> str:
+    """Run as the database's owner (doadmin), connected to `db`. Idempotent: GRANTs that exist are
+    no-ops. Grants rather than `ALTER DATABASE ... OWNER`: changing the owner needs membership in
+    the app role, which a CREATEROLE admin no longer gets implicitly on PostgreSQL 16."""
+    d, u = _ident(db), _ident(user)
+    return f"""\\set ON_ERROR_STOP 1
+BEGIN;
+GRANT CONNECT, TEMPORARY ON DATABASE {d} TO {u};
+-- PostgreSQL 15+: PUBLIC may no longer create in `public`; the app creates its schema at start.
+GRANT USAGE, CREATE ON SCHEMA public TO {u};
+-- Tables the admin created already (a migration run as doadmin) ...
+GRANT {TABLE_RIGHTS} ON ALL TABLES IN SCHEMA public TO {u};
+GRANT {SEQUENCE_RIGHTS} ON ALL SEQUENCES IN SCHEMA public TO {u};
+-- ... and the ones it creates later.
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT {TABLE_RIGHTS} ON TABLES TO {u};
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT {SEQUENCE_RIGHTS} ON SEQUENCES TO {u};
+COMMIT;
+"""
+
+
+def grants_command(host: str, port: int | str, admin_user: str, db: str = APP_DB, user: str = APP_USER,
+                   sslmode: str = "require") -> str:
+    """The remote command: stdin is the admin password on its first line, then grant_sql()."""
+    conninfo = (f"host={host} port={port} user={admin_user} dbname={db} sslmode={sslmode} "
+                "connect_timeout=10 application_name=minitwit-ha-grants")
+    return "\n".join([
+        "set -eu",
+        "# psql comes with postgresql-client (Debian 12: 15; a 15 client runs these statements on 16 and 17).",
+        "if ! command -v psql >/dev/null 2>&1; then",
+        "  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-client >/dev/null",
+        "fi",
+        "# The password is stdin's first line and lives only in psql's environment (never on a",
+        "# command line); psql reads the rest of stdin: the SQL.",
+        "IFS= read -r PGPASSWORD",
+        "export PGPASSWORD",
+        f"psql -X -q {shlex.quote(conninfo)}",
+        f'echo "granted {user} its rights on database {db}"',
+    ]) + "\n"
+
+
+@dataclass(frozen=True)
+class GrantsStep:
+    """What the node running the grants needs: its command, its secret stdin, its triggers."""
+
+    create: Output[str]
+    stdin: Output[str]
+    triggers: list
+    depends_on: list
+
+
 def managed_uri(user: str, password: str, host: str, port: int | str, db: str) -> str:
     return (f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(db, safe='')}"
             "?sslmode=require")
@@ -47,6 +115,7 @@ class SharedDatabase:
         db = settings.database
         self.cluster = None
         self.firewall = None
+        self.grants: GrantsStep | None = None  # managed only: external/none rights are the user's
         if db.mode == "managed":
             self.cluster = do.DatabaseCluster(
                 f"{name}-db",
@@ -75,12 +144,27 @@ class SharedDatabase:
                              self.database.name).apply(lambda v: managed_uri(*v))
             self.app_env: Output[str] = Output.secret(uri.apply(app_env_text))
             self.host: Output[str] = self.cluster.private_host
+            # The same user and database over the cluster's public host: what an operator's
+            # migration (`migrate_db.py --to stack:NAME`) connects to from outside the VPC.
+            self.app_uri: Output[str] = Output.secret(Output.all(
+                self.user.name, self.user.password, self.cluster.host, self.cluster.port, self.database.name,
+            ).apply(lambda v: managed_uri(*v)))
+            sql = grant_sql()
+            self.grants = GrantsStep(
+                create=Output.all(self.cluster.private_host, self.cluster.port, self.cluster.user).apply(
+                    lambda v: grants_command(*v)),
+                stdin=Output.secret(Output.concat(self.cluster.password, "\n", sql)),
+                triggers=[self.cluster.id, self.database.name, self.user.name, _digest(sql)],
+                depends_on=[self.database, self.user],
+            )
         elif db.mode == "external":
             assert db.uri is not None  # noqa: S101 - settings guarantee it
             text = db.uri.reveal()
             self.app_env = Output.secret(app_env_text(text))
             self.host = Output.from_input(urlsplit(text).hostname or "")
+            self.app_uri = Output.secret(text)
         else:
             pulumi.log.warn(NONE_WARNING)
             self.app_env = Output.secret(app_env_text(None))
             self.host = Output.from_input("")
+            self.app_uri = Output.secret("")

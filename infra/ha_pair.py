@@ -23,8 +23,9 @@ import pulumi_digitalocean as do
 from pulumi import Output, ResourceOptions
 
 from infra import steps
+from infra.adopt import stack_tag
 from infra.cloudinit import render_cloud_init
-from infra.database import SharedDatabase
+from infra.database import GrantsStep, SharedDatabase
 from infra.node import (
     REPO_ROOT,
     STEP_APP,
@@ -54,8 +55,7 @@ class HaPairArgs:
 
 
 def _tags(settings: Settings, node: str) -> list[str]:
-    stack = "".join(c if c.isalnum() or c in "-_:" else "-" for c in settings.stack)
-    return ["minitwit-ha", f"minitwit-ha:{stack}", f"minitwit-ha:{node}"]
+    return ["minitwit-ha", stack_tag(settings.stack), f"minitwit-ha:{node}"]
 
 
 def _hostname(name: str, node: str) -> str:
@@ -127,6 +127,8 @@ class HaPair(pulumi.ComponentResource):
                 name=f"{name}-{node}", node=node, settings=s, droplet=self.droplets[node],
                 peer=self.droplets[peer], reserved_ip=self.reserved_ip.ip_address,
                 app_env=self.database.app_env, repo_root=args.repo_root, app_after=list(app_after), parent=self,
+                # The app user's rights, granted once from the node whose app starts first.
+                db_grants=self.database.grants if not app_after else None,
             )
             self.node_chains[node] = chain
             app_after.append(chain.app)
@@ -167,7 +169,8 @@ class NodeChain:
 
     def __init__(self, *, name: str, node: str, settings: Settings, droplet: do.Droplet, peer: do.Droplet,
                  reserved_ip: Output[str], app_env: Output[str], repo_root: Path,
-                 app_after: list[pulumi.Resource], parent: pulumi.Resource) -> None:
+                 app_after: list[pulumi.Resource], parent: pulumi.Resource,
+                 db_grants: GrantsStep | None = None) -> None:
         s = settings
         paths = NodePaths()
         def connection(dial_error_limit: int) -> command.remote.ConnectionArgs:
@@ -198,7 +201,7 @@ class NodeChain:
                 reserved_ip=rip, priority=PRIORITY[node], router_id=s.vrrp_router_id,
                 private_interface=s.private_interface, admin_cidrs=s.admin_cidrs, http_ports=s.http_ports,
                 health_url=s.health_url, profile=PROFILES[s.failover_profile], compose_project=COMPOSE_PROJECT,
-                paths=paths,
+                paths=paths, app_image=s.app_image,
             )
 
         rendered: Output[list[NodeFile]] = Output.all(
@@ -256,6 +259,15 @@ class NodeChain:
             app_deps.append(self.registry)
         self.app_env = secret_file("app-env", paths.app_env, app_env)
         app_deps.append(self.app_env)
+        self.db_grants = None
+        if db_grants is not None:
+            # Runs here because the cluster trusts only the droplets; doadmin's password on stdin only.
+            self.db_grants = command.remote.Command(
+                f"{name}-db-grants", connection=steady_conn, create=db_grants.create, stdin=db_grants.stdin,
+                triggers=[droplet.id, *db_grants.triggers],
+                opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap, *db_grants.depends_on]),
+            )
+            app_deps.append(self.db_grants)
         archive, self.app_digest = step_inputs(STEP_APP)
         self.app = command.remote.Command(
             f"{name}-app", connection=steady_conn, create=steps.app_command(paths, COMPOSE_PROJECT), stdin=archive,
@@ -264,6 +276,7 @@ class NodeChain:
                                  custom_timeouts=pulumi.CustomTimeouts(create="20m", update="20m")),
         )
         self.commands = [c for c in (self.wait, self.bootstrap, self.token, self.failover, self.firewall,
-                                     self.keepalived, self.registry, self.app_env, self.app) if c is not None]
+                                     self.keepalived, self.registry, self.app_env, self.db_grants, self.app)
+                         if c is not None]
         self.digest = Output.all(self.failover_digest, self.firewall_digest, self.keepalived_digest,
                                  self.app_digest).apply(lambda ds: steps.digest(*ds))

@@ -80,6 +80,11 @@ class NodePaths:
         return f"{self.app_dir}/app.env"
 
     @property
+    def compose_env(self) -> str:
+        """The stack's compose variables; the app step merges them into the app's .env."""
+        return f"{self.app_dir}/stack.env"
+
+    @property
     def state_dir(self) -> str:
         return self._p("/run/minitwit-ha")
 
@@ -144,6 +149,7 @@ class NodeFacts:
     paths: NodePaths = field(default_factory=NodePaths)
     log_file: str = ""             # extra log file for mt-failover (the lab); syslog is always used
     peer_public_ip: str = ""       # the peer's public IPv4: is it still serving through the reserved IP?
+    app_image: str = ""            # MINITWIT_IMAGE for the compose file; empty: no stack.env (the lab)
 
 
 @dataclass(frozen=True)
@@ -363,6 +369,14 @@ def render_health_env(facts: NodeFacts) -> str:
     return _env_file(_header(facts, "Health check settings (read by mt-health and mt-healthwatch)"), lines)
 
 
+def render_compose_env(facts: NodeFacts) -> str:
+    """Variables the stack owns in the app's .env, which compose reads for `${...}` in the compose
+    file. The rollout owns MINITWIT_VERSION in the same file, so the app step merges these keys in
+    rather than replacing the file (steps.app_command)."""
+    lines = {"MINITWIT_IMAGE": facts.app_image}
+    return _env_file(_header(facts, "Compose variables set by the stack (merged into .env)"), lines)
+
+
 def _env_file(header: str, values: dict[str, str]) -> str:
     for key, value in values.items():
         if any(c.isspace() for c in value) or "#" in value:
@@ -522,6 +536,8 @@ def render_node_files(facts: NodeFacts, compose_text: str | None = None,
     files.append(NodeFile(paths.keepalived_conf, 0o644, render_keepalived_conf(facts), STEP_KEEPALIVED))
     if compose_text is not None:
         files.append(NodeFile(paths.compose_file, 0o644, compose_text, STEP_APP))
+        if facts.app_image:
+            files.append(NodeFile(paths.compose_env, 0o644, render_compose_env(facts), STEP_APP))
     return files
 
 

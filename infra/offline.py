@@ -50,6 +50,9 @@ class DoMocks(pulumi.runtime.Mocks):
 
     vpc_range: str = "10.110.16.0/24"
     reserved_ip: str = "203.0.113.10"
+    # What getReservedIp/getDroplet answer for an adopted reserved IP: its holder and droplets' tags.
+    reserved_ip_holder: int | None = None
+    droplet_tags: dict[int, list[str]] = field(default_factory=dict)
     resources: list[Recorded] = field(default_factory=list)
     # Each resource's options (parent, depends_on, protect, ...), which the mock monitor never sees.
     options: dict[str, pulumi.ResourceOptions] = field(default_factory=dict)
@@ -98,7 +101,15 @@ class DoMocks(pulumi.runtime.Mocks):
         return [rid, outputs]
 
     def call(self, args: pulumi.runtime.MockCallArgs):
-        return {}  # the program makes no provider calls (invokes)
+        # The one provider call: who holds an adopted reserved IP (infra/adopt.py).
+        function = args.token  # an invoke's name, not a credential
+        if function == "digitalocean:index/getReservedIp:getReservedIp":
+            holder = self.reserved_ip_holder
+            return {"ipAddress": args.args.get("ipAddress"), "region": "fra1", "dropletId": holder or 0}
+        if function == "digitalocean:index/getDroplet:getDroplet":
+            droplet_id = int(args.args.get("id"))
+            return {"id": droplet_id, "name": f"droplet-{droplet_id}", "tags": self.droplet_tags.get(droplet_id, [])}
+        return {}
 
     # -- queries used by tests and the plan -----------------------------------------------------
     def of_type(self, typ: str) -> list[Recorded]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pulumi
 
+from infra.adopt import check_reserved_ip_holder
 from infra.ha_pair import HaPair, HaPairArgs
 from infra.settings import ConfigSource, Settings, load_settings
 
@@ -26,12 +27,15 @@ def build(settings: Settings, project_dir: Path = PROJECT_DIR) -> dict[str, Any]
         "vpc_id": pair.vpc.id,
         "nodes": pair.nodes,
         "database_host": pair.database.host,
+        # Secret: the app's own database URI (public host), for `migrate_db.py --to stack:NAME`.
+        "database_uri": pair.database.app_uri,
     }
 
 
 def run(source: ConfigSource, stack: str, project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
     """Validate every setting first (raises SettingsError before any resource exists), then build."""
     settings = load_settings(source, stack=stack, project_dir=project_dir)
+    check_reserved_ip_holder(settings)  # an adopted IP another droplet holds: refused unless told
     return build(settings, project_dir)
 
 

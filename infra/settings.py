@@ -61,6 +61,15 @@ _PUBKEY_RE = re.compile(
 )
 _TOKEN_RE = re.compile(r"^(dop_v1_)?[0-9a-f]{64}$")
 _REGISTRY_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?$")
+# An image repository without a tag: optional registry host[:port]/, then lower-case path components.
+_IMAGE_RE = re.compile(r"^([a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?/)?"
+                       r"[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$")
+# The documented placeholder default of `appImage`: a name that says what to put there.
+APP_IMAGE_PLACEHOLDER = "ghcr.io/your-org/minitwit"
+# DigitalOcean runs standby nodes only on plans with 2 GB of RAM or more ("due to the memory
+# requirements of replication", docs: PostgreSQL "How to Add Standby Nodes").
+STANDBY_MIN_RAM_GB = 2
+_DB_SIZE_RAM_RE = re.compile(r"-([0-9]+)gb$")
 _PRIVATE_KEY_BEGIN = re.compile(r"-----BEGIN (OPENSSH|RSA|EC|DSA)? ?PRIVATE KEY-----")
 
 
@@ -171,6 +180,9 @@ class Settings:
     failover_profile: str
     vrrp_router_id: int
     database: Database = field(default_factory=lambda: Database(mode="none"))
+    app_image: str = APP_IMAGE_PLACEHOLDER
+    # An adopted reservedIp that another droplet holds may be taken over (see infra/adopt.py).
+    reserved_ip_takeover: bool = False
 
     @property
     def http_ports(self) -> tuple[int, ...]:
@@ -377,6 +389,66 @@ def _check_health_url(r: _Reader, key: str, value: str) -> str:
     return value
 
 
+def _check_health_port(r: _Reader, health_url: str, app_port: int) -> None:
+    """The health check must ask the port the app is published on, or it checks something else."""
+    parts = urlsplit(health_url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        r.fail("healthUrl", f"'{health_url}' has an invalid port; use http://127.0.0.1:PORT/PATH")
+        return
+    if parts.scheme in ("http", "https") and port != app_port:
+        fixed = parts._replace(netloc=f"{parts.hostname}:{app_port}").geturl()
+        r.fail("healthUrl", f"asks port {port} but appPort is {app_port}: the app is published on appPort, "
+                            f"so check it there ({fixed}) or set appPort {port}")
+
+
+def image_registry(image: str) -> str:
+    """The registry host of an image reference (Docker's rule: a first component with '.' or ':'
+    or 'localhost' is a host; otherwise the image is on Docker Hub)."""
+    first, sep, _ = image.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io"
+
+
+def _check_app_image(r: _Reader, key: str, value: str) -> str:
+    if "@" in value or ":" in value.rsplit("/", 1)[-1]:
+        r.fail(key, f"'{value}' carries a tag or digest; give the repository only (e.g. {APP_IMAGE_PLACEHOLDER}): "
+                    "the tag is the version the rollout deploys (MINITWIT_VERSION)")
+    elif not _IMAGE_RE.match(value):
+        r.fail(key, f"'{value}' is not an image name; use lower-case REGISTRY/PATH such as "
+                    "ghcr.io/my-team/minitwit or registry.digitalocean.com/my-registry/minitwit")
+    return value
+
+
+def _read_registry(r: _Reader, app_image: str) -> Registry | None:
+    """Registry login for a private image.
+
+    The rule: a private registry is asked for when registryPassword is set, or when appImage lives
+    on registryServer. Then registryServer, registryUsername and registryPassword are all required.
+    registryServer/registryUsername alone, for an image on another registry, ask for nothing (no
+    login happens), so a public image needs no secret beyond the required two."""
+    server = r.string("registryServer")
+    user = r.string("registryUsername")
+    password = r.secret("registryPassword", required=False)
+    if server and not _REGISTRY_RE.match(server):
+        r.fail("registryServer", f"'{server}' is not a registry host; use e.g. registry.digitalocean.com or ghcr.io")
+        return None
+    on_server = bool(server) and image_registry(app_image) == server
+    if not (password or on_server):
+        return None
+    why = ("registryPassword is set" if password else
+           f"appImage {app_image} is on registryServer {server}, so the droplets must log in")
+    for key, val in (("registryServer", server), ("registryUsername", user), ("registryPassword", password)):
+        if not val:
+            r.fail(key, f"is missing: {why}; a private registry needs registryServer, registryUsername and "
+                        "registryPassword together (for a public image leave all three empty)")
+    if server and user and password:
+        return Registry(server=server, username=user, password=password)
+    return None
+
+
 def unknown_keys(source: ConfigSource, schema: Mapping[str, ConfigKey]) -> list[Problem]:
     problems = []
     for key in list(source.keys()):
@@ -459,25 +531,19 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
             r.fail("reservedIp", f"'{reserved_ip}' is not an IPv4 address; use e.g. 203.0.113.10, "
                                  "or leave it empty to create one")
 
+    takeover = r.boolean("reservedIpTakeover")
+    if takeover and not reserved_ip:
+        r.fail("reservedIpTakeover", "is true but reservedIp is empty; it only applies to an adopted reservedIp")
+
     compose = _check_compose(r, "composeFile", r.string("composeFile"), project_dir)
     health_url = _check_health_url(r, "healthUrl", r.string("healthUrl"))
     app_port = r.integer("appPort", 1, 65535)
     if app_port == 22:
         r.fail("appPort", "22 is SSH's port, reserved for the admin CIDRs; publish the app on 80 or another port")
 
-    registry = None
-    server = r.string("registryServer")
-    user = r.string("registryUsername")
-    password = r.secret("registryPassword", required=False)
-    if server and not _REGISTRY_RE.match(server):
-        r.fail("registryServer", f"'{server}' is not a registry host; use e.g. registry.digitalocean.com or ghcr.io")
-    if any((server, user, password)):
-        for key, val in (("registryServer", server), ("registryUsername", user), ("registryPassword", password)):
-            if not val:
-                r.fail(key, "is missing: registryServer, registryUsername and registryPassword go together "
-                            "(leave all three empty for public images)")
-        if server and user and password:
-            registry = Registry(server=server, username=user, password=password)
+    _check_health_port(r, health_url, app_port)
+    app_image = _check_app_image(r, "appImage", r.string("appImage"))
+    registry = _read_registry(r, app_image)
 
     token = r.secret("failoverToken", required=True)
     if token and not _TOKEN_RE.match(token.reveal()):
@@ -501,7 +567,8 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
         ssh_key_fingerprints=tuple(fp.lower() for fp in fingerprints), ssh_private_key=private_key,
         admin_cidrs=admin_cidrs, reserved_ip=reserved_ip, compose=compose, health_url=health_url,
         app_port=app_port, registry=registry, failover_token=token, protect=protect,
-        failover_profile=profile, vrrp_router_id=router_id, database=database,
+        failover_profile=profile, vrrp_router_id=router_id, database=database, app_image=app_image,
+        reserved_ip_takeover=takeover,
     )
 
 
@@ -530,4 +597,9 @@ def _read_database(r: _Reader) -> Database:
             r.fail("databaseSize", f"'{size}' is not a database size slug; use e.g. db-s-1vcpu-1gb")
         if not version.isdigit() or not 13 <= int(version) <= 17:
             r.fail("databaseVersion", f"'{version}' is not a supported PostgreSQL major version; use 13 to 17")
+        ram = _DB_SIZE_RAM_RE.search(size)
+        if nodes >= 2 and ram and int(ram.group(1)) < STANDBY_MIN_RAM_GB:
+            r.fail("databaseNodeCount", f"{nodes} nodes need a databaseSize with at least {STANDBY_MIN_RAM_GB} GB "
+                                        f"of RAM ({size} has {ram.group(1)} GB; DigitalOcean runs standby nodes "
+                                        "only on 2 GB plans and up): use db-s-1vcpu-2gb or set databaseNodeCount 1")
     return Database(mode=mode, uri=uri, size=size, version=version, node_count=nodes)

@@ -171,11 +171,28 @@ def registry_login_command(server: str, username: str) -> str:
     )
 
 
+def merge_compose_env_lines(paths: NodePaths) -> tuple[str, ...]:
+    """Merge the stack's keys (stack.env) into the app's .env, keeping every other line (the
+    rollout's MINITWIT_VERSION): the stack's lines first, then the old lines whose key it does not
+    set. Idempotent; written beside .env and renamed, so compose never reads half a file."""
+    ours, dotenv = shlex.quote(paths.compose_env), shlex.quote(f"{paths.app_dir}/.env")
+    new = shlex.quote(f"{paths.app_dir}/.env.new")
+    return (
+        f"if [ -f {ours} ]; then",
+        f"  sudo touch {dotenv}",
+        f"  merged=$(sudo awk -F= 'FNR == NR {{ own[$1] = 1; print; next }} !($1 in own)' {ours} {dotenv})",
+        f"  printf '%s\\n' \"$merged\" | sudo install -m 0644 -o root -g root /dev/stdin {new}",
+        f"  sudo mv {new} {dotenv}",
+        "fi",
+    )
+
+
 def app_command(paths: NodePaths, project: str, health_timeout_s: int = 300) -> str:
     compose = f"sudo docker compose -p {shlex.quote(project)} -f {shlex.quote(paths.compose_file)}"
     health = paths.script("mt-health")
     return _script(
         EXTRACT,
+        *merge_compose_env_lines(paths),
         f"{compose} pull --quiet",
         f"{compose} up -d --remove-orphans",
         "# Wait (bounded) until this node is healthy again before the other node's turn.",

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -31,6 +33,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 PROG = "migrate_db"
+APP_USER = "minitwit"   # the app's role in a managed stack (infra/database.py)
 SCHEMA_FILE = Path(__file__).resolve().with_name("minitwit_schema.sql")
 
 EXIT_OK = 0
@@ -39,6 +42,7 @@ EXIT_USAGE = 2
 EXIT_CONNECT = 3
 EXIT_NOT_EMPTY = 4
 EXIT_COPY = 5
+EXIT_RIGHTS = 6
 
 # The canonical tables, their columns in order, and each column's kind: "int" or "text".
 # `user`, `follower`, `message` are the original MiniTwit schema; `latest` is ours (the
@@ -67,7 +71,11 @@ HELP_EPILOG = """\
 SOURCE is one of
   postgresql://USER:PASSWORD@HOST:PORT/DBNAME[?sslmode=...]   the original server's PostgreSQL
   /path/to/minitwit.db  or  sqlite:///path/to/minitwit.db     the original SQLite file
-TARGET is a postgresql:// URI (the managed cluster; DigitalOcean's needs ?sslmode=require).
+TARGET is a postgresql:// URI (the managed cluster; DigitalOcean's needs ?sslmode=require), or
+  stack:NAME    the app's own database and user from the Pulumi stack NAME's secret output
+                database_uri (`pulumi stack output --show-secrets --json --stack NAME`; the
+                command is $MIGRATE_PULUMI, default `pulumi`). Recommended: the app's database,
+                not doadmin's defaultdb.
 Both also accept
   env:VARNAME   the value of an environment variable (recommended: no password in argv)
   @/path/file   the first line of a file (recommended; keep the file mode 0600)
@@ -99,6 +107,8 @@ Exit codes
   3  connection or authentication failure (message names the side: source or target)
   4  target not empty and no --force (message lists what it found)
   5  a copy tool failed or is missing (its last error lines are shown, passwords masked)
+  6  copied and verified, but the app's user (--app-user) cannot read or write a migrated table:
+     the app would see an empty or failing timeline (run `pulumi up`: its db-grants step fixes it)
 
 SSL: pg_dump/pg_restore/psycopg follow libpq (sslmode=require encrypts, verify-full also checks
 the certificate with sslrootcert=). pgloader always verifies the server certificate when SSL is
@@ -184,8 +194,38 @@ class SqliteSource:
         return f"SQLite {self.path}"
 
 
+def stack_output_uri(side: str, stack: str) -> str:
+    """The stack's secret `database_uri` output: the app's database as the app's user."""
+    command = shlex.split(os.environ.get("MIGRATE_PULUMI", "pulumi"))
+    argv = [*command, "stack", "output", "--show-secrets", "--json", "--stack", stack]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+    except FileNotFoundError:
+        raise Fail(EXIT_USAGE, f"{side}: stack:{stack} needs the Pulumi CLI ({command[0]} not found; "
+                               f"install it or set MIGRATE_PULUMI)") from None
+    except subprocess.TimeoutExpired:
+        raise Fail(EXIT_USAGE, f"{side}: `pulumi stack output` for {stack} did not answer in 120 s") from None
+    if proc.returncode != 0:
+        raise Fail(EXIT_USAGE, f"{side}: `pulumi stack output --stack {stack}` failed (exit "
+                               f"{proc.returncode}):\n" + tail(proc.stderr or proc.stdout))
+    try:
+        outputs = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise Fail(EXIT_USAGE, f"{side}: `pulumi stack output --json --stack {stack}` did not print JSON") from None
+    uri = outputs.get("database_uri") if isinstance(outputs, dict) else None
+    if not isinstance(uri, str) or not uri.strip():
+        raise Fail(EXIT_USAGE, f"{side}: stack {stack} has no database_uri output (database=none, or a "
+                               f"stack last updated before this output existed: run `pulumi up` first)")
+    if uri.strip() == "[secret]":
+        raise Fail(EXIT_USAGE, f"{side}: stack {stack}'s database_uri came back masked; "
+                               f"the command must accept --show-secrets")
+    return uri.strip()
+
+
 def resolve_value(side: str, raw: str) -> tuple[str, bool]:
-    """Expand env:VAR and @file; returns (value, given_literally)."""
+    """Expand env:VAR, @file and stack:NAME; returns (value, given_literally)."""
+    if raw.startswith("stack:"):
+        return stack_output_uri(side, raw[len("stack:"):]), False
     if raw.startswith("env:"):
         name = raw[4:]
         value = os.environ.get(name, "")
@@ -535,6 +575,32 @@ def prepare_target(conn: psycopg.Connection) -> None:
                    ) from None
 
 
+def role_exists(conn: psycopg.Connection, role: str) -> bool:
+    return conn.execute("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %s)", (role,)).fetchone()[0]
+
+
+# What the app does to each table (the simulator API and the web app both read and write).
+APP_TABLE_RIGHTS = ("SELECT", "INSERT", "UPDATE", "DELETE")
+
+
+def app_rights_problems(conn: psycopg.Connection, role: str, tables: list[str]) -> list[str]:
+    """What `role` may not do to the migrated tables and their id sequences, e.g. "SELECT on user".
+    Each right is asked on its own: has_table_privilege with a list is true if ANY is held."""
+    schema = conn.execute("SELECT current_schema()").fetchone()[0]
+    missing = []
+    for table in tables:
+        rel = sql.Identifier(schema, table).as_string(conn)
+        for right in APP_TABLE_RIGHTS:
+            if not conn.execute("SELECT has_table_privilege(%s, %s, %s)", (role, rel, right)).fetchone()[0]:
+                missing.append(f"{right} on {table}")
+        if table in SERIALS:
+            seq = conn.execute("SELECT pg_get_serial_sequence(%s, %s)", (rel, SERIALS[table])).fetchone()[0]
+            if seq and not conn.execute("SELECT has_sequence_privilege(%s, %s, 'USAGE')",
+                                        (role, seq)).fetchone()[0]:
+                missing.append(f"USAGE on sequence {seq}")
+    return missing
+
+
 def reset_sequences(conn: psycopg.Connection) -> None:
     for table, col in SERIALS.items():
         conn.execute(sql.SQL(
@@ -765,6 +831,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="postgresql:// URI of the shared database; or env:VAR, @file")
     parser.add_argument("--force", action="store_true",
                         help="replace MiniTwit's tables in a target that already holds data")
+    parser.add_argument("--app-user", metavar="ROLE",
+                        help="the role the app connects as, checked after the copy for the rights to "
+                             "read and write every migrated table (default: the target's user with "
+                             "stack:NAME, else minitwit when that role exists, else the target's user)")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="S",
                         help="connect timeout in seconds for every connection (default 5; "
                              "libpq's minimum is 2)")
@@ -804,6 +874,7 @@ def run(args: argparse.Namespace) -> int:
         for note in plan.notes:
             log(f"note: {note}")
         log(f"target: {target.shown}")
+        app_user = choose_app_user(args, target, tconn)
 
         # 2. target must be empty unless --force
         ours, others = target_contents(tconn)
@@ -843,6 +914,14 @@ def run(args: argparse.Namespace) -> int:
             raise Fail(EXIT_MISMATCH, f"verification failed for {bad}: the target differs from the "
                                       f"source (was the app still writing to the source?); fix the "
                                       f"cause and re-run with --force")
+        missing = app_rights_problems(tconn, app_user, plan.tables)
+        if missing:
+            raise Fail(EXIT_RIGHTS, f"copied and verified, but the app's user {app_user} lacks "
+                                    f"{', '.join(missing)}: the app would not see this data. Run `pulumi up` "
+                                    f"(its db-grants step grants the rights), or as the tables' owner: GRANT "
+                                    f"SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "
+                                    f"{app_user}; GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {app_user}")
+        log(f"app user {app_user} can read and write every migrated table")
         log(f"done in {time.monotonic() - started:.1f} s: {len(plan.tables)} tables copied and verified")
         return EXIT_OK
     except psycopg.OperationalError as exc:
@@ -858,6 +937,23 @@ def run(args: argparse.Namespace) -> int:
         for ep in (source, target):
             if isinstance(ep, PgEndpoint) and ep.conn is not None:
                 ep.conn.close()
+
+
+def choose_app_user(args: argparse.Namespace, target: PgEndpoint, conn: psycopg.Connection) -> str:
+    """The role whose rights decide whether the app sees the data (see --app-user)."""
+    own = target.params.get("user") or conn.execute("SELECT current_user").fetchone()[0]
+    if args.app_user:
+        if not role_exists(conn, args.app_user):
+            raise Fail(EXIT_USAGE, f"target: --app-user {args.app_user}: no such role on the target "
+                                   f"(the user in the app's DATABASE_URL)")
+        return args.app_user
+    if args.target.startswith("stack:") or own == APP_USER:
+        return own
+    if role_exists(conn, APP_USER):
+        return APP_USER
+    log(f"note: no role {APP_USER} on the target; checking the rights of the target's user {own} "
+        f"(pass --app-user ROLE for the app's)")
+    return own
 
 
 def check_pg_dump_version(conn: psycopg.Connection) -> None:

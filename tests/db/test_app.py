@@ -74,13 +74,14 @@ class AppProc:
     """`python -m tests.lab.app` on 127.0.0.1:<ephemeral>; the URI only in a 0600 env file."""
 
     def __init__(self, tmp: Path, pg: PgServer, node: str | None, version: str | None, *extra: str,
-                 env_lines: str = "NODE_NAME=from-env-file\nAPP_VERSION=from-env-file\n") -> None:
+                 env_lines: str = "NODE_NAME=from-env-file\nAPP_VERSION=from-env-file\n",
+                 uri: str | None = None) -> None:
         self.pg = pg
         tag = unique(node or "app")
         self.env_file = tmp / f"{tag}.env"
         fd = os.open(self.env_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
-            fh.write(f"# a lab node's app.env\nDATABASE_URL={pg.uri('postgres')}\n{env_lines}")
+            fh.write(f"# a lab node's app.env\nDATABASE_URL={uri or pg.uri('postgres')}\n{env_lines}")
         self.log_path = tmp / f"{tag}.log"
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NODE_NAME", "APP_VERSION")}
         flags = [*(["--node", node] if node else []), *(["--version", version] if version else [])]

@@ -18,7 +18,7 @@ MOCK_USER_PASSWORD = "mock-user-password"  # what DoMocks gives a DatabaseUser
 
 
 def test_managed_declares_cluster_database_user_and_firewall_in_the_vpc():
-    run = run_stack(base_config(database="managed", databaseNodeCount=2, protect=True))
+    run = run_stack(base_config(database="managed", databaseNodeCount=2, databaseSize="db-s-1vcpu-2gb", protect=True))
     clusters = run.mocks.of_type(CLUSTER)
     assert len(clusters) == 1
     c = clusters[0]
@@ -68,7 +68,9 @@ def test_external_uri_is_secret_and_only_its_host_is_an_output():
         for key in ("create", "update", "delete", "environment"):
             assert "SENTINEL-db-password" not in repr(r.plain(key))
     for out in run.outputs.values():
-        assert "SENTINEL-db-password" not in repr(out.value)
+        assert out.secret or "SENTINEL-db-password" not in repr(out.value)
+    assert run.outputs["database_uri"].value == SENTINEL_DB_URI and run.outputs["database_uri"].secret
+    assert not [r for r in run.commands() if r.name.endswith("-db-grants")]  # an external database's rights are its owner's
 
 
 def test_none_declares_no_cluster_and_warns(caplog):
@@ -85,3 +87,33 @@ def test_shared_modes_do_not_warn(caplog, mode):
     with caplog.at_level(logging.WARNING):
         run_stack(cfg, mocks=DoMocks())
     assert NONE_WARNING not in caplog.text
+
+
+def test_managed_grants_the_app_user_its_rights_from_the_first_node_before_any_app_starts():
+    run = run_stack(base_config(database="managed"))
+    grants = [r for r in run.commands() if r.name.endswith("-db-grants")]
+    assert [r.name for r in grants] == ["minitwit-test-standby-db-grants"]  # one node: no concurrent GRANTs
+    g = grants[0]
+    create = g.plain("create")
+    assert "host=private-db.example.invalid port=25060 user=doadmin dbname=minitwit sslmode=require" in create
+    # doadmin's password only on stdin, as a secret; never in the command, triggers or outputs.
+    assert g.is_secret("stdin")
+    stdin = unwrap(g.inputs["stdin"])
+    assert stdin.startswith("mock-admin-password\n")
+    assert 'GRANT USAGE, CREATE ON SCHEMA public TO "minitwit"' in stdin
+    assert "ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT" in stdin
+    for r in run.commands():
+        for key in ("create", "update", "delete", "environment", "triggers"):
+            assert "mock-admin-password" not in repr(r.plain(key) if key != "triggers" else r.inputs.get(key, ""))
+    for out in run.outputs.values():
+        assert out.secret or "mock-admin-password" not in repr(out.value)
+    # Both apps start after the grants (the standby's directly, the primary's after the standby's).
+    standby_app = run.mocks.options["minitwit-test-standby-app"].depends_on
+    assert any(getattr(d, "_name", None) == "minitwit-test-standby-db-grants" for d in standby_app)
+
+
+def test_database_uri_output_is_the_app_user_on_the_public_host_and_secret():
+    run = run_stack(base_config(database="managed"))
+    out = run.outputs["database_uri"]
+    assert out.secret
+    assert out.value == "postgresql://minitwit:mock-user-password@db.example.invalid:25060/minitwit?sslmode=require"

@@ -107,7 +107,8 @@ def test_no_resource_can_move_the_reserved_ip(stack_run):
 
 def test_outputs_have_the_contract_names_and_shapes(stack_run):
     out = {k: v.value for k, v in stack_run.outputs.items()}
-    assert set(out) == {"reserved_ip", "app_url", "vpc_id", "nodes", "database_host"}
+    assert set(out) == {"reserved_ip", "app_url", "vpc_id", "nodes", "database_host", "database_uri"}
+    assert stack_run.outputs["database_uri"].secret
     assert out["app_url"] == "http://203.0.113.10/"
     assert set(out["nodes"]) == set(NODES)
     ids = set()
@@ -261,3 +262,40 @@ def test_bad_config_declares_nothing():
         run_stack(base_config(vpcIpRange="8.8.8.0/24", adminCidrs=[]), mocks=mocks)
     assert "vpcIpRange" in str(err.value) and "adminCidrs" in str(err.value)
     assert mocks.resources == []
+
+
+def test_app_image_reaches_each_nodes_compose_env_and_a_change_reruns_only_the_app_steps():
+    run = run_stack(base_config(appImage="ghcr.io/team/minitwit"))
+    for node in NODES:
+        files = archive_files(run, f"minitwit-test-{node}-app")
+        mode, text = files["/srv/minitwit/stack.env"]
+        assert mode == 0o644 and "MINITWIT_IMAGE=ghcr.io/team/minitwit" in text.splitlines()
+        assert "${MINITWIT_IMAGE:?" in files["/srv/minitwit/compose.yaml"][1]
+        # The step merges it into the .env compose reads, beside the rollout's MINITWIT_VERSION.
+        assert "/srv/minitwit/stack.env /srv/minitwit/.env" in run.mocks.named(f"minitwit-test-{node}-app").plain("create")
+    after = _step_triggers(run_stack(base_config(appImage="ghcr.io/team/other")))
+    before = _step_triggers(run)
+    changed = sorted(name for name in before if before[name] != after[name])
+    assert changed == ["minitwit-test-primary-app", "minitwit-test-ready", "minitwit-test-standby-app"]
+
+
+def test_an_adopted_reserved_ip_held_by_another_droplet_is_refused_unless_taken_over():
+    from infra.offline import DoMocks
+    from infra.settings import SettingsError
+
+    cfg = base_config(reservedIp="203.0.113.50")
+    old_server = DoMocks(reserved_ip_holder=31337, droplet_tags={31337: ["web"]})
+    with pytest.raises(SettingsError) as err:
+        run_stack(cfg, mocks=old_server)
+    message = str(err.value)
+    assert "minitwit-ha:reservedIp: 203.0.113.50 is assigned to droplet 31337 (droplet-31337)" in message
+    assert "reservedIpTakeover" in message and "nothing was created" in message
+    assert old_server.resources == []  # refused before any resource was declared
+    # The operator says so: adopted as usual, and still never assigned by Pulumi.
+    run = run_stack(base_config(reservedIp="203.0.113.50", reservedIpTakeover=True),
+                    mocks=DoMocks(reserved_ip_holder=31337, droplet_tags={31337: ["web"]}))
+    assert run.outputs["reserved_ip"].value == "203.0.113.50"
+    # Held by one of this stack's own droplets (after a failover) or by nobody: no question asked.
+    for mocks in (DoMocks(reserved_ip_holder=400000001, droplet_tags={400000001: ["minitwit-ha:test"]}),
+                  DoMocks()):
+        assert run_stack(cfg, mocks=mocks).outputs["reserved_ip"].value == "203.0.113.50"

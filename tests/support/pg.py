@@ -166,6 +166,17 @@ class PgServer:
         owner_sql = f' OWNER "{owner}"' if owner else ""
         self.psql(f'CREATE DATABASE "{name}"{owner_sql}')
 
+    def digitalocean_like(self, db: str, admin: str = "doadmin", app: str = "minitwit") -> tuple[str, str]:
+        """Roles and a database the way DigitalOcean's managed PostgreSQL gives them: `admin` is
+        no superuser (CREATEDB, CREATEROLE) and owns `db`; `app` is a plain login role that owns
+        nothing, so with PostgreSQL 15+ defaults it may not create in `public`. Returns the two
+        passwords (admin, app)."""
+        admin_pw, app_pw = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+        self.psql(f"CREATE ROLE \"{admin}\" LOGIN CREATEDB CREATEROLE NOSUPERUSER PASSWORD '{admin_pw}'")
+        self.psql(f"CREATE ROLE \"{app}\" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD '{app_pw}'")
+        self.create_database(db, owner=admin)
+        return admin_pw, app_pw
+
     def log_tail(self) -> str:
         try:
             lines = self.logfile.read_text(errors="replace").splitlines()

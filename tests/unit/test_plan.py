@@ -156,7 +156,8 @@ def test_plan_shows_each_nodes_rendered_files_and_hides_secret_ones(prod_plan):
 def test_secrets_and_their_placeholders_never_appear(tmp_path):
     cipher = "v1:CIPHERTEXT-that-must-not-leak"
     config = stack_file(tmp_path, "Pulumi.prod.yaml", sshPrivateKey={"secure": cipher},
-                        failoverToken={"secure": cipher + "2"}, registryPassword={"secure": cipher + "3"})
+                        failoverToken={"secure": cipher + "2"}, registryPassword={"secure": cipher + "3"},
+                        registryServer="registry.digitalocean.com", registryUsername="minitwit-ci")
     text = plan.render_plan("prod", config)
     assert cipher not in text
     for placeholder in plan.PLACEHOLDERS.values():

@@ -75,7 +75,19 @@ BAD_INPUTS = [
     ({"appPort": "eighty"}, "minitwit-ha:appPort", "not an integer"),
     ({"appPort": 70000}, "minitwit-ha:appPort", "1 to 65535"),
     ({"appPort": 22}, "minitwit-ha:appPort", "SSH"),
-    ({"registryUsername": "ci"}, "minitwit-ha:registryPassword", "go together"),
+    ({"registryPassword": "pw-1"}, "minitwit-ha:registryServer", "registryPassword is set"),
+    ({"registryPassword": "pw-1"}, "minitwit-ha:registryUsername", "registryPassword is set"),
+    ({"registryServer": "registry.digitalocean.com", "registryUsername": "ci",
+      "appImage": "registry.digitalocean.com/team/minitwit"}, "minitwit-ha:registryPassword",
+     "appImage registry.digitalocean.com/team/minitwit is on registryServer"),
+    ({"appImage": "ghcr.io/team/minitwit:v1"}, "minitwit-ha:appImage", "tag or digest"),
+    ({"appImage": "ghcr.io/Team/MiniTwit"}, "minitwit-ha:appImage", "not an image name"),
+    ({"appPort": 8080}, "minitwit-ha:healthUrl", "asks port 80 but appPort is 8080"),
+    ({"healthUrl": "http://127.0.0.1:8080/latest"}, "minitwit-ha:healthUrl", "set appPort 8080"),
+    ({"database": "managed", "databaseNodeCount": 2}, "minitwit-ha:databaseNodeCount", "at least 2 GB"),
+    ({"database": "managed", "databaseNodeCount": 3, "databaseSize": "db-amd-1vcpu-1gb"},
+     "minitwit-ha:databaseNodeCount", "db-s-1vcpu-2gb"),
+    ({"reservedIpTakeover": True}, "minitwit-ha:reservedIpTakeover", "reservedIp is empty"),
     ({"registryServer": "https://ghcr.io"}, "minitwit-ha:registryServer", "registry host"),
     ({"protect": "yes"}, "minitwit-ha:protect", "true or false"),
     ({"failoverProfile": "turbo"}, "minitwit-ha:failoverProfile", "fast, tutorial"),
@@ -161,3 +173,43 @@ def test_schema_uses_only_what_pulumi_accepts_and_every_key_is_read():
 def test_private_key_keeps_its_final_newline():
     key = load(base_config(sshPrivateKey=SENTINEL_PRIVATE_KEY.strip())).ssh_private_key.reveal()
     assert key == SENTINEL_PRIVATE_KEY  # the final newline restored
+
+
+def test_registry_keys_without_a_password_ask_for_nothing_when_the_image_is_elsewhere():
+    # A public image: registryServer/registryUsername left over from a template make no login and
+    # demand no secret (the rule: a private registry is asked for by a password or by appImage's host).
+    s = load(base_config(registryServer="registry.digitalocean.com", registryUsername="ci",
+                         appImage="ghcr.io/team/minitwit"))
+    assert s.registry is None and s.app_image == "ghcr.io/team/minitwit"
+
+
+def test_docker_hub_and_registry_hosts_are_told_apart():
+    from infra.settings import image_registry
+
+    assert image_registry("team/minitwit") == "docker.io"
+    assert image_registry("minitwit") == "docker.io"
+    assert image_registry("ghcr.io/team/minitwit") == "ghcr.io"
+    assert image_registry("localhost:5000/minitwit") == "localhost:5000"
+
+
+def test_health_url_port_matches_app_port_including_the_scheme_default():
+    s = load(base_config(appPort=8080, healthUrl="http://127.0.0.1:8080/latest"))
+    assert s.app_port == 8080 and s.http_ports == (80, 443, 8080)
+    assert load(base_config(healthUrl="http://localhost/latest")).app_port == 80
+
+
+def test_a_standby_database_node_on_a_2gb_plan_is_fine():
+    s = load(base_config(database="managed", databaseNodeCount=2, databaseSize="db-s-1vcpu-2gb"))
+    assert s.database.node_count == 2
+
+
+@pytest.mark.parametrize("stack", ["prod", "staging"])
+def test_the_stack_files_pass_with_only_the_two_required_secrets(stack):
+    # A newcomer's first `pulumi up`: the stack file as committed, plus sshPrivateKey and failoverToken.
+    import yaml
+
+    config = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text())["config"]
+    values = {k.split(":", 1)[1]: v for k, v in config.items()}
+    values |= {"sshPrivateKey": SENTINEL_PRIVATE_KEY, "failoverToken": SENTINEL_TOKEN}
+    s = load(values, secret_keys=frozenset({"sshPrivateKey", "failoverToken"}), stack=stack)
+    assert s.registry is None and s.database.mode == "managed"

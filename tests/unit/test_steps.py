@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from infra import steps
+from infra.database import grants_command
 from infra.node import (
     STEP_APP,
     STEP_FAILOVER,
@@ -66,6 +67,7 @@ def node(tmp_path: Path):
 
     n = Node()
     n.root, n.paths, n.files, n.log, n.bindir = root, paths, files, log, bindir
+    n.facts = facts
 
     def run(command: str, stdin: str, **env: str) -> subprocess.CompletedProcess:
         full = {"PATH": f"{bindir}:/usr/bin:/bin:/usr/sbin:/sbin", "STUB_LOG": str(log),
@@ -178,6 +180,30 @@ def test_app_step_pulls_starts_and_waits_for_health_bounded(node):
     assert node.run(command, steps.archive_b64(files)).returncode == 0
 
 
+def test_app_step_merges_the_image_into_dotenv_and_keeps_the_rollouts_version(node):
+    from dataclasses import replace
+
+    facts = replace(node.facts, app_image="ghcr.io/team/minitwit")
+    files = files_for_step(render_node_files(facts, compose_text="services: {}\n"), STEP_APP)
+    health = Path(node.paths.script("mt-health"))
+    health.parent.mkdir(parents=True, exist_ok=True)
+    health.write_text("#!/bin/sh\nexit 0\n")
+    health.chmod(0o755)
+    dotenv = Path(node.paths.app_dir) / ".env"
+    dotenv.parent.mkdir(parents=True, exist_ok=True)
+    dotenv.write_text("MINITWIT_IMAGE=old/image\nMINITWIT_VERSION=v7\nEXTRA=kept\n")  # as mt-deploy leaves it
+    command = steps.app_command(node.paths, "minitwit", health_timeout_s=3)
+    for _ in range(2):  # a re-run changes nothing
+        proc = node.run(command, steps.archive_b64(files))
+        assert proc.returncode == 0, proc.stderr
+        values = [ln for ln in dotenv.read_text().splitlines() if not ln.startswith("#")]
+        assert values == ["MINITWIT_IMAGE=ghcr.io/team/minitwit", "MINITWIT_VERSION=v7", "EXTRA=kept"]
+        assert mode(dotenv) == 0o644 and os.stat(dotenv).st_uid == 0
+    dotenv.unlink()  # a fresh node: no .env yet
+    assert node.run(command, steps.archive_b64(files)).returncode == 0
+    assert "MINITWIT_IMAGE=ghcr.io/team/minitwit" in dotenv.read_text().splitlines()
+
+
 def test_the_step_scripts_are_shellcheck_clean(tmp_path):
     from tests.support.needs import missing_binaries
 
@@ -188,6 +214,7 @@ def test_the_step_scripts_are_shellcheck_clean(tmp_path):
         "failover": steps.failover_command(paths), "firewall": steps.firewall_command(paths, ("198.51.100.0/24",)),
         "keepalived": steps.keepalived_command(paths), "app": steps.app_command(paths, "minitwit"),
         "registry": steps.registry_login_command("registry.digitalocean.com", "ci"),
+        "db-grants": grants_command("private-db.example.invalid", 25060, "doadmin"),
     }.items():
         script = tmp_path / f"{name}.sh"
         script.write_text("#!/bin/sh\n" + text)

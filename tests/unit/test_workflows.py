@@ -480,7 +480,7 @@ def test_per_pr_vpc_ranges_are_valid_and_never_overlap_prod_or_staging(tmp_path)
         values = {**yaml.safe_load((tmp_path / f"Pulumi.staging-pr-{pr}.yaml").read_text())["config"]}
         values = {k.split(":", 1)[1]: v for k, v in values.items()} | {
             "vpcIpRange": str(net), "sshPrivateKey": base_config()["sshPrivateKey"],
-            "failoverToken": base_config()["failoverToken"], "registryPassword": "x"}
+            "failoverToken": base_config()["failoverToken"]}
         load_settings(DictSource(values, frozenset(SECRET_CONFIG_KEYS & set(values))), stack=f"staging-pr-{pr}",
                       project_dir=ROOT)
         seen[pr] = net
