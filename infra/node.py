@@ -17,7 +17,7 @@ from pathlib import Path
 from infra.profiles import PROFILES, Profile
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPT_NAMES = ("mt-deploy", "mt-failover", "mt-health", "mt-healthwatch")
+SCRIPT_NAMES = ("mt-deploy", "mt-failover", "mt-health", "mt-healthwatch", "mt_observe.py")
 
 # Provisioning steps (one remote command each); a file's step decides what re-runs when it changes.
 STEP_FAILOVER = "failover"      # scripts, env files, systemd units -> restart watcher and reconciler
