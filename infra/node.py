@@ -56,6 +56,14 @@ class NodePaths:
         return f"{self.etc}/do-token"
 
     @property
+    def alert_webhook_file(self) -> str:
+        return f"{self.etc}/alert-webhook"  # root 0600 like the token: the URL is a credential
+
+    @property
+    def metrics_dir(self) -> str:
+        return self._p("/var/lib/prometheus/node-exporter")  # Debian's textfile collector directory
+
+    @property
     def keepalived_conf(self) -> str:
         return self._p("/etc/keepalived/keepalived.conf")
 
@@ -135,6 +143,7 @@ class NodeFacts:
     docker_cmd: str = "docker"     # the docker CLI the node scripts call (the lab: its stand-in)
     paths: NodePaths = field(default_factory=NodePaths)
     log_file: str = ""             # extra log file for mt-failover (the lab); syslog is always used
+    allow_insecure_http: bool = False  # the lab only: its fake API and webhook sink speak plain http
 
 
 @dataclass(frozen=True)
@@ -300,6 +309,11 @@ def render_failover_env(facts: NodeFacts) -> str:
         "RETRY_MAX_ATTEMPTS": str(p.retry_max_attempts),
         "POLL_INTERVAL_S": "0.2",
         "RECONCILE_INTERVAL_S": p.reconcile_interval_s,
+        "METRICS_DIR": paths.metrics_dir,
+        "TRACK_FILE": paths.track_file,
+        "ALERT_WEBHOOK_FILE": paths.alert_webhook_file,
+        "TOKEN_CHECK_INTERVAL_S": "60",
+        "ALLOW_INSECURE_HTTP": "1" if facts.allow_insecure_http else "0",
     }
     return _env_file(_header(facts, "Failover settings (read by mt-failover)"), lines)
 
@@ -437,7 +451,8 @@ RestartSec=2
 NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=yes
-ReadWritePaths={paths.state_dir} {paths.lib_dir}
+# "-": a node without node-exporter's directory still runs (metrics are then skipped, logged once).
+ReadWritePaths={paths.state_dir} {paths.lib_dir} -{paths.metrics_dir}
 
 [Install]
 WantedBy=multi-user.target

@@ -26,7 +26,7 @@ from infra.schema import PROJECT, ConfigKey, load_schema
 
 # Secrets that are optional. Pulumi refuses a plaintext default on a `secret: true` key, so the
 # schema cannot mark them; we refuse a value that was not set with `pulumi config set --secret`.
-OPTIONAL_SECRETS = frozenset({"registryPassword", "databaseUri"})
+OPTIONAL_SECRETS = frozenset({"registryPassword", "databaseUri", "alertWebhookUrl"})
 
 # Region slugs DigitalOcean offers droplets, reserved IPs and VPCs in (checked 2026).
 KNOWN_REGIONS = (
@@ -171,6 +171,7 @@ class Settings:
     failover_profile: str
     vrrp_router_id: int
     database: Database = field(default_factory=lambda: Database(mode="none"))
+    alert_webhook_url: Secret | None = None  # None: no alerts (the node gets an empty webhook file)
 
     @property
     def http_ports(self) -> tuple[int, ...]:
@@ -484,6 +485,15 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
         r.fail("failoverToken", "does not look like a DigitalOcean API token (dop_v1_ followed by 64 hex "
                                 "digits); create a custom-scoped token with reserved_ip:update")
 
+    webhook = r.secret("alertWebhookUrl", required=False)
+    if webhook:
+        parts = urlsplit(webhook.reveal())
+        if parts.scheme != "https" or not parts.hostname:
+            # Never echo the value: the URL is the credential.
+            r.fail("alertWebhookUrl", "is not an https URL; use the Slack or Discord incoming-webhook URL "
+                                      "(https://hooks.slack.com/services/... or https://discord.com/api/webhooks/...)"
+                                      ", or leave it empty for no alerts")
+
     protect = r.boolean("protect")
     profile = r.string("failoverProfile")
     if profile not in PROFILES:
@@ -501,7 +511,7 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
         ssh_key_fingerprints=tuple(fp.lower() for fp in fingerprints), ssh_private_key=private_key,
         admin_cidrs=admin_cidrs, reserved_ip=reserved_ip, compose=compose, health_url=health_url,
         app_port=app_port, registry=registry, failover_token=token, protect=protect,
-        failover_profile=profile, vrrp_router_id=router_id, database=database,
+        failover_profile=profile, vrrp_router_id=router_id, database=database, alert_webhook_url=webhook or None,
     )
 
 

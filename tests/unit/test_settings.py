@@ -161,3 +161,17 @@ def test_schema_uses_only_what_pulumi_accepts_and_every_key_is_read():
 def test_private_key_keeps_its_final_newline():
     key = load(base_config(sshPrivateKey=SENTINEL_PRIVATE_KEY.strip())).ssh_private_key.reveal()
     assert key == SENTINEL_PRIVATE_KEY  # the final newline restored
+
+
+def test_alert_webhook_url_is_an_optional_https_secret():
+    assert load(base_config()).alert_webhook_url is None
+    url = "https://discord.com/api/webhooks/1/SENTINEL-hook"
+    s = load(base_config(alertWebhookUrl=url))
+    assert isinstance(s.alert_webhook_url, Secret) and s.alert_webhook_url.reveal() == url
+    with pytest.raises(SettingsError) as e:
+        load(base_config(alertWebhookUrl="http://hooks.example/SENTINEL-hook"))
+    assert "minitwit-ha:alertWebhookUrl" in str(e.value) and "is not an https URL" in str(e.value)
+    assert "SENTINEL-hook" not in str(e.value)  # the URL is the credential: never echoed
+    with pytest.raises(SettingsError) as e:
+        load(base_config(alertWebhookUrl=url), secret_keys=frozenset({"sshPrivateKey", "failoverToken"}))
+    assert "was set in plaintext" in str(e.value) and "SENTINEL-hook" not in str(e.value)
