@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.needs import missing_binaries, need
 from tests.unit import test_mt_failover as base
 from tests.unit.test_mt_failover import IP, IP_PATH, ME, OTHER_TOKEN, PEER, TOKEN, Node, posts, wait_until
 
@@ -123,8 +123,8 @@ def test_a_failover_shows_in_counters_that_survive_restarts(node: Node, fake):
     assert not [p for p in node.metrics_dir.iterdir() if p.name != obs.FAILOVER_PROM]  # no temp files
 
 
-@pytest.mark.skipif(not shutil.which("promtool"), reason="needs promtool (Debian package prometheus)")
 def test_the_textfile_passes_promtool(node: Node, fake):
+    need(missing_binaries("promtool"))
     node.write_env(TRACK_FILE=str(node.root / "track"))
     (node.root / "track").write_text("0\n")
     assert node.notify("MASTER").returncode == 0
