@@ -226,11 +226,14 @@ class NodeChain:
                                  custom_timeouts=pulumi.CustomTimeouts(create="20m", update="20m")),
         )
         self.token = secret_file("failover-token", paths.token_file, s.failover_token.reveal())
+        # Always shipped, empty when alerts are off: turning alerts off also removes the old URL.
+        webhook = s.alert_webhook_url.reveal() if s.alert_webhook_url else ""
+        self.alert_webhook = secret_file("alert-webhook", paths.alert_webhook_file, webhook)
         archive, self.failover_digest = step_inputs(STEP_FAILOVER)
         self.failover = command.remote.Command(
             f"{name}-failover", connection=steady_conn, create=steps.failover_command(paths), stdin=archive,
             triggers=[droplet.id, self.failover_digest],
-            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap, self.token]),
+            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap, self.token, self.alert_webhook]),
         )
         archive, self.firewall_digest = step_inputs(STEP_FIREWALL)
         self.firewall = command.remote.Command(
@@ -275,8 +278,8 @@ class NodeChain:
             opts=ResourceOptions(parent=parent, depends_on=app_deps + app_after,
                                  custom_timeouts=pulumi.CustomTimeouts(create="20m", update="20m")),
         )
-        self.commands = [c for c in (self.wait, self.bootstrap, self.token, self.failover, self.firewall,
-                                     self.keepalived, self.registry, self.app_env, self.db_grants, self.app)
-                         if c is not None]
+        self.commands = [c for c in (self.wait, self.bootstrap, self.token, self.alert_webhook, self.failover,
+                                     self.firewall, self.keepalived, self.registry, self.app_env, self.db_grants,
+                                     self.app) if c is not None]
         self.digest = Output.all(self.failover_digest, self.firewall_digest, self.keepalived_digest,
                                  self.app_digest).apply(lambda ds: steps.digest(*ds))

@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # keepalived priority added while a node holds the reserved IP: larger than the gap between the
 # two nodes' base priorities (150 / 100), so the holder always wins, and 150 + 100 stays <= 254.
 HOLDER_WEIGHT = 100
-SCRIPT_NAMES = ("mt-deploy", "mt-failover", "mt-health", "mt-healthwatch")
+SCRIPT_NAMES = ("mt-deploy", "mt-failover", "mt-health", "mt-healthwatch", "mt_observe.py")
 
 # Provisioning steps (one remote command each); a file's step decides what re-runs when it changes.
 STEP_FAILOVER = "failover"      # scripts, env files, systemd units -> restart watcher and reconciler
@@ -58,6 +58,14 @@ class NodePaths:
     @property
     def token_file(self) -> str:
         return f"{self.etc}/do-token"
+
+    @property
+    def alert_webhook_file(self) -> str:
+        return f"{self.etc}/alert-webhook"  # root 0600 like the token: the URL is a credential
+
+    @property
+    def metrics_dir(self) -> str:
+        return self._p("/var/lib/prometheus/node-exporter")  # Debian's textfile collector directory
 
     @property
     def keepalived_conf(self) -> str:
@@ -150,6 +158,7 @@ class NodeFacts:
     log_file: str = ""             # extra log file for mt-failover (the lab); syslog is always used
     peer_public_ip: str = ""       # the peer's public IPv4: is it still serving through the reserved IP?
     app_image: str = ""            # MINITWIT_IMAGE for the compose file; empty: no stack.env (the lab)
+    allow_insecure_http: bool = False  # the lab only: its fake API and webhook sink speak plain http
 
 
 @dataclass(frozen=True)
@@ -345,6 +354,11 @@ def render_failover_env(facts: NodeFacts) -> str:
         "PROBE_RESPONSE_TIMEOUT_S": "1.5",  # connected but silent this long: its processes are gone
         "PROBE_SLOW_S": "0.15",             # an answer slower than this came after a stall
         "STALL_GRACE_S": "0.8",             # time for a peer back from a stall to reclaim MASTER
+        "METRICS_DIR": paths.metrics_dir,
+        "TRACK_FILE": paths.track_file,
+        "ALERT_WEBHOOK_FILE": paths.alert_webhook_file,
+        "TOKEN_CHECK_INTERVAL_S": "60",
+        "ALLOW_INSECURE_HTTP": "1" if facts.allow_insecure_http else "0",
     }
     return _env_file(_header(facts, "Failover settings (read by mt-failover)"), lines)
 
@@ -490,7 +504,8 @@ RestartSec=2
 NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=yes
-ReadWritePaths={paths.state_dir} {paths.lib_dir}
+# "-": a node without node-exporter's directory still runs (metrics are then skipped, logged once).
+ReadWritePaths={paths.state_dir} {paths.lib_dir} -{paths.metrics_dir}
 
 [Install]
 WantedBy=multi-user.target

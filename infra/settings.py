@@ -26,7 +26,7 @@ from infra.schema import PROJECT, ConfigKey, load_schema
 
 # Secrets that are optional. Pulumi refuses a plaintext default on a `secret: true` key, so the
 # schema cannot mark them; we refuse a value that was not set with `pulumi config set --secret`.
-OPTIONAL_SECRETS = frozenset({"registryPassword", "databaseUri"})
+OPTIONAL_SECRETS = frozenset({"registryPassword", "databaseUri", "alertWebhookUrl"})
 
 # Region slugs DigitalOcean offers droplets, reserved IPs and VPCs in (checked 2026).
 KNOWN_REGIONS = (
@@ -183,6 +183,7 @@ class Settings:
     app_image: str = APP_IMAGE_PLACEHOLDER
     # An adopted reservedIp that another droplet holds may be taken over (see infra/adopt.py).
     reserved_ip_takeover: bool = False
+    alert_webhook_url: Secret | None = None  # None: no alerts (the node gets an empty webhook file)
 
     @property
     def http_ports(self) -> tuple[int, ...]:
@@ -550,6 +551,15 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
         r.fail("failoverToken", "does not look like a DigitalOcean API token (dop_v1_ followed by 64 hex "
                                 "digits); create a custom-scoped token with reserved_ip:update")
 
+    webhook = r.secret("alertWebhookUrl", required=False)
+    if webhook:
+        parts = urlsplit(webhook.reveal())
+        if parts.scheme != "https" or not parts.hostname:
+            # Never echo the value: the URL is the credential.
+            r.fail("alertWebhookUrl", "is not an https URL; use the Slack or Discord incoming-webhook URL "
+                                      "(https://hooks.slack.com/services/... or https://discord.com/api/webhooks/...)"
+                                      ", or leave it empty for no alerts")
+
     protect = r.boolean("protect")
     profile = r.string("failoverProfile")
     if profile not in PROFILES:
@@ -569,6 +579,7 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
         app_port=app_port, registry=registry, failover_token=token, protect=protect,
         failover_profile=profile, vrrp_router_id=router_id, database=database, app_image=app_image,
         reserved_ip_takeover=takeover,
+        alert_webhook_url=webhook or None,
     )
 
 

@@ -26,7 +26,7 @@ SENTINEL_REGISTRY_PASSWORD = "SENTINEL-registry-password-7f3a"
 SENTINEL_DB_URI = "postgresql://app:SENTINEL-db-password-91c2@db.internal.example:25060/minitwit"
 PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGZha2Uta2V5LWZvci10ZXN0cw deploy@example"
 
-SECRET_KEYS = frozenset({"sshPrivateKey", "failoverToken", "registryPassword", "databaseUri"})
+SECRET_KEYS = frozenset({"sshPrivateKey", "failoverToken", "registryPassword", "databaseUri", "alertWebhookUrl"})
 
 
 def base_config(**overrides) -> dict:

@@ -353,7 +353,7 @@ class Lab:
             admin_cidrs=(ADMIN_CIDR,), http_ports=(80, 443), health_url=HEALTH_URL, profile=PROFILES[profile],
             api_url=f"http://{API_ADDR}:{API_PORT}", metadata_url=f"http://{API_ADDR}:{API_PORT}/metadata/v1",
             script_user=SCRIPT_USER, docker_cmd=str(LAB_ROOT / "bin" / "docker"), paths=paths,
-            log_file=str(node_root(node) / "var" / "log" / "mt-failover.log"),
+            log_file=str(node_root(node) / "var" / "log" / "mt-failover.log"), allow_insecure_http=True,
         )
 
     def _node(self, node: str, profile: str) -> None:

@@ -25,6 +25,7 @@ SENTINELS = {
     "private key": SENTINEL_PRIVATE_KEY.splitlines()[1],
     "registry password": SENTINEL_REGISTRY_PASSWORD,
     "database password": "SENTINEL-db-password-91c2",
+    "alert webhook": "SENTINEL-webhook-5d1e",
 }
 # secret -> (resource name suffix, input) where it belongs
 HOMES = {
@@ -32,6 +33,7 @@ HOMES = {
     "private key": [("", "connection")],
     "registry password": [("-registry-login", "stdin")],
     "database password": [("-app-env", "stdin")],
+    "alert webhook": [("-alert-webhook", "stdin")],
 }
 
 
@@ -39,7 +41,8 @@ HOMES = {
 def run():
     return run_stack(base_config(registryServer="registry.digitalocean.com", registryUsername="ci",
                                  registryPassword=SENTINEL_REGISTRY_PASSWORD, database="external",
-                                 databaseUri=SENTINEL_DB_URI))
+                                 databaseUri=SENTINEL_DB_URI,
+                                 alertWebhookUrl="https://hooks.slack.com/services/T0/B0/SENTINEL-webhook-5d1e"))
 
 
 def test_every_secret_is_only_in_its_own_destination(run):
@@ -61,11 +64,12 @@ def test_every_secret_is_only_in_its_own_destination(run):
     # Each secret did reach its destinations (both nodes), so the audit looked at real traffic.
     assert homes_seen["token"] == 2 and homes_seen["registry password"] == 2
     assert homes_seen["database password"] == 2 and homes_seen["private key"] >= 2
+    assert homes_seen["alert webhook"] == 2
 
 
 def test_secret_destinations_are_written_0600_by_root(run):
     for r in run.commands():
-        if r.name.endswith(("-failover-token", "-app-env")):
+        if r.name.endswith(("-failover-token", "-app-env", "-alert-webhook")):
             assert "install -m 0600 -o root -g root /dev/stdin" in r.plain("create")
 
 

@@ -77,7 +77,7 @@ class Node:
         self.root = root
         libexec = root / "usr/libexec/minitwit-ha"
         libexec.mkdir(parents=True)
-        for name in ("mt-deploy", "mt-health"):
+        for name in ("mt-deploy", "mt-health", "mt_observe.py"):
             shutil.copy2(SCRIPTS / name, libexec / name)
         self.script = libexec / "mt-deploy"
         self.app_dir = root / "srv/minitwit"
@@ -143,6 +143,27 @@ def test_deploy_pulls_the_new_tag_first_then_swaps_the_env_file_atomically_then_
     assert node.dotenv.stat().st_ino != inode                    # replaced by rename, never rewritten in place
     assert oct(node.dotenv.stat().st_mode & 0o777) == "0o644"
     assert sorted(p.name for p in node.app_dir.iterdir()) == [".env", "compose.yaml"]  # no temp file left
+
+
+def test_deploy_and_status_publish_the_version_for_node_exporter(node):
+    prom = node.root / "var/lib/prometheus/node-exporter/minitwit_ha_app.prom"  # Debian's dir under the root
+    assert node.json("status")[0] == 0
+    assert 'minitwit_ha_app_version_info{node="primary",version="v1"} 1\n' in prom.read_text()
+    assert node.json("deploy", "v2")[0] == 0
+    text = prom.read_text()
+    assert 'version="v2"} 1' in text and 'version="v1"' not in text  # one series: the version now configured
+    assert "# TYPE minitwit_ha_app_version_info gauge" in text
+    assert [p.name for p in prom.parent.iterdir()] == ["minitwit_ha_app.prom"]  # no temp file for a scrape
+
+
+def test_an_unwritable_metrics_dir_never_fails_a_deploy(node):
+    blocker = node.root / "var/lib/prometheus"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file where the directory should be\n")
+    proc = node.run("deploy", "v2")
+    assert proc.returncode == 0, proc.stderr
+    assert "cannot write the version metric" in proc.stderr
+    assert node.dotenv.read_text().endswith("MINITWIT_VERSION=v2\n")
 
 
 def test_deploy_creates_the_env_file_when_there_is_none(node):

@@ -36,7 +36,8 @@ SCRIPT_KEYS = {
     "NODE_NAME", "RESERVED_IP", "DROPLET_ID", "DO_API_URL", "METADATA_URL", "TOKEN_FILE", "STATE_DIR",
     "LOG_DIR", "LOG_FILE", "HTTP_TIMEOUT_S", "ASSIGN_DEADLINE_S", "RETRY_MODE", "BACKOFF_BASE_S",
     "BACKOFF_MAX_S", "RETRY_FIXED_S", "RETRY_MAX_ATTEMPTS", "POLL_INTERVAL_S", "RECONCILE_INTERVAL_S",
-    "MT_FAILOVER_ENV",
+    "MT_FAILOVER_ENV", "KEEPALIVED_PIDFILE", "METRICS_DIR", "TRACK_FILE", "ALERT_WEBHOOK_FILE", "ALERT_ATTEMPTS",
+    "ALERT_RETRY_S", "TOKEN_CHECK_INTERVAL_S", "RECONCILE_GRACE_S", "ALLOW_INSECURE_HTTP",
 }
 
 
@@ -62,6 +63,8 @@ class Node:
         self.log_file = root / "failover.log"
         self.token_file = root / "do-token"
         self.env_file = root / "failover.env"
+        self.metrics_dir = root / "metrics"
+        self.webhook_file = root / "alert-webhook"
         self.captured: list[str] = []
         self.write_token(TOKEN)
         self.values = {
@@ -83,6 +86,12 @@ class Node:
             "RETRY_MAX_ATTEMPTS": "5",
             "POLL_INTERVAL_S": "0.02",
             "RECONCILE_INTERVAL_S": "0.1",
+            "RECONCILE_GRACE_S": "0",
+            "TOKEN_CHECK_INTERVAL_S": "60",
+            "METRICS_DIR": str(self.metrics_dir),
+            "ALERT_WEBHOOK_FILE": str(self.webhook_file),  # absent: alerts off
+            "ALERT_RETRY_S": "0.05",
+            "ALLOW_INSECURE_HTTP": "1",  # the fake API speaks plain http, like the lab's
         }
         self.write_env()
 
@@ -583,12 +592,12 @@ def test_reconcile_leaves_the_move_to_a_running_notify(node: Node, fake: FakeDO)
     assert len(posts(fake)) == 1 and fake.holder(IP) == ME
 
 
-def test_reconcile_once_does_nothing_when_backup(node: Node, fake: FakeDO):
+def test_reconcile_once_on_a_backup_only_checks_the_token(node: Node, fake: FakeDO):
     fake.set_holder(IP, PEER, run_hook=False)
     node.force_state("BACKUP")
     proc = node.run("reconcile", "--once")
     assert proc.returncode == 0, proc.stderr
-    assert api_requests(fake) == []
+    assert [(r["method"], r["path"], r["auth"]) for r in api_requests(fake)] == [("GET", IP_PATH, "ok")]
     assert fake.holder(IP) == PEER
 
 
@@ -638,8 +647,9 @@ def test_status_prints_holder(node: Node, fake: FakeDO):
     node.force_state("MASTER")
     proc = node.run("status")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"node": "primary", "droplet_id": ME, "reserved_ip": IP,
-                                       "vrrp_state": "MASTER", "holder": None}
+    doc = json.loads(proc.stdout)
+    assert {k: doc[k] for k in ("node", "droplet_id", "reserved_ip", "vrrp_state", "holder")} == {
+        "node": "primary", "droplet_id": ME, "reserved_ip": IP, "vrrp_state": "MASTER", "holder": None}
     fake.set_holder(IP, PEER, run_hook=False)
     assert json.loads(node.run("status").stdout)["holder"] == PEER
 
@@ -656,7 +666,10 @@ def test_script_is_an_executable_stdlib_only_python3_script():
     source = SCRIPT.read_text()
     assert source.startswith("#!/usr/bin/env python3\n") and os.access(SCRIPT, os.X_OK)
     imported = set(re.findall(r"^(?:import|from) ([a-z_]+)", source, re.M))
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+    assert imported <= set(sys.stdlib_module_names) | {"__future__", "mt_observe"}, imported
+    # the one shipped helper module is stdlib-only too
+    helper = set(re.findall(r"^\s*(?:import|from) ([a-z_]+)", (SCRIPT.parent / "mt_observe.py").read_text(), re.M))
+    assert helper <= set(sys.stdlib_module_names) | {"__future__"}, helper
 
 
 # -- bad input never moves the reserved IP away from a healthy MASTER (issue 7) -------------------
@@ -683,7 +696,8 @@ def test_garbage_from_api_or_metadata_never_moves_the_ip(node: Node, fake: FakeD
     _peer_holds_it(fake)
     fake.inject(kind, count=100, match="any")
     codes = _as_backup_node_runs_everything(node)
-    assert codes == {"notify BACKUP": 0, "notify FAULT": 0, "reclaim": 0, "reconcile --once": 0}
+    # reconcile on a BACKUP checks the token: 3 says the API could not answer; it never moves the IP
+    assert codes == {"notify BACKUP": 0, "notify FAULT": 0, "reclaim": 0, "reconcile --once": 3}
     assert posts(fake) == [] and fake.holder(IP) == PEER
 
 

@@ -213,3 +213,17 @@ def test_the_stack_files_pass_with_only_the_two_required_secrets(stack):
     values |= {"sshPrivateKey": SENTINEL_PRIVATE_KEY, "failoverToken": SENTINEL_TOKEN}
     s = load(values, secret_keys=frozenset({"sshPrivateKey", "failoverToken"}), stack=stack)
     assert s.registry is None and s.database.mode == "managed"
+
+
+def test_alert_webhook_url_is_an_optional_https_secret():
+    assert load(base_config()).alert_webhook_url is None
+    url = "https://discord.com/api/webhooks/1/SENTINEL-hook"
+    s = load(base_config(alertWebhookUrl=url))
+    assert isinstance(s.alert_webhook_url, Secret) and s.alert_webhook_url.reveal() == url
+    with pytest.raises(SettingsError) as e:
+        load(base_config(alertWebhookUrl="http://hooks.example/SENTINEL-hook"))
+    assert "minitwit-ha:alertWebhookUrl" in str(e.value) and "is not an https URL" in str(e.value)
+    assert "SENTINEL-hook" not in str(e.value)  # the URL is the credential: never echoed
+    with pytest.raises(SettingsError) as e:
+        load(base_config(alertWebhookUrl=url), secret_keys=frozenset({"sshPrivateKey", "failoverToken"}))
+    assert "was set in plaintext" in str(e.value) and "SENTINEL-hook" not in str(e.value)
