@@ -164,6 +164,29 @@ def keepalived_staging_path(paths: NodePaths) -> dict[str, str]:
     return {paths.keepalived_conf: f"{paths.keepalived_conf}.new"}
 
 
+def haproxy_command(paths: NodePaths) -> str:
+    cfg = paths.haproxy_cfg
+    new = f"{cfg}.new"
+    return _script(
+        EXTRACT,
+        "# Check the new file before it replaces the running one.",
+        f"if ! out=$(sudo haproxy -c -q -f {shlex.quote(new)} 2>&1); then",
+        '  echo "haproxy -c rejected the rendered configuration:" >&2; echo "$out" >&2',
+        f"  sudo rm -f {shlex.quote(new)}; exit 1",
+        "fi",
+        f"sudo mv {shlex.quote(new)} {shlex.quote(cfg)}",
+        "# Reload, not restart: master-worker (-Ws) hands the listening sockets to the new worker and the",
+        "# old one finishes its requests, so no connection is refused or cut.",
+        "if systemctl is-active --quiet haproxy; then sudo systemctl reload haproxy;"
+        " else sudo systemctl enable --now haproxy; fi",
+        'echo "haproxy configuration checked and loaded"',
+    )
+
+
+def haproxy_staging_path(paths: NodePaths) -> dict[str, str]:
+    return {paths.haproxy_cfg: f"{paths.haproxy_cfg}.new"}
+
+
 def registry_login_command(server: str, username: str) -> str:
     return _script(
         f"sudo docker login --username {shlex.quote(username)} --password-stdin {shlex.quote(server)} >/dev/null",
@@ -174,8 +197,17 @@ def registry_login_command(server: str, username: str) -> str:
 def app_command(paths: NodePaths, project: str, health_timeout_s: int = 300) -> str:
     compose = f"sudo docker compose -p {shlex.quote(project)} -f {shlex.quote(paths.compose_file)}"
     health = paths.script("mt-health")
+    dotenv, stack_env = shlex.quote(paths.compose_dotenv), shlex.quote(paths.stack_env)
     return _script(
         EXTRACT,
+        "# compose reads ${...} only from .env, where the rollout tool keeps MINITWIT_VERSION: replace",
+        "# just the stack's keys (stack.env) there, keep every other line, swap the file atomically.",
+        f"if [ -f {stack_env} ]; then",
+        f"  keys=$(sed -n 's/^\\([A-Za-z_][A-Za-z0-9_]*\\)=.*/\\1/p' {stack_env} | paste -sd '|' -)",
+        f"  {{ sudo grep -Ev \"^($keys)=\" {dotenv} 2>/dev/null || true; grep -v '^#' {stack_env}; }}"
+        f" | sudo install -m 0644 -o root -g root /dev/stdin {dotenv}.tmp",
+        f"  sudo mv {dotenv}.tmp {dotenv}",
+        "fi",
         f"{compose} pull --quiet",
         f"{compose} up -d --remove-orphans",
         "# Wait (bounded) until this node is healthy again before the other node's turn.",
