@@ -109,8 +109,9 @@ defaults
     option forwardfor
     # A client gets a 408 when it sends no complete request headers within 10 s.
     timeout http-request 10s
-    # An idle client connection is closed after 30 s (it reconnects on its next request).
+    # A client that stops reading or sending mid-request is cut off after 30 s.
     timeout client 30s
+    # A kept-alive client connection idle for 10 s is closed (the client reconnects on its next request).
     timeout http-keep-alive 10s
     # A connection to an app that is not accepted within 100 ms (a dead peer drops SYNs) is
     # retried at once on the other app. Also the pause before a retry: min(connect, 1 s).
@@ -131,8 +132,9 @@ backend {BACKEND}
 {balance}    # A fresh server connection per request: a request never goes out on a kept-alive
     # connection the app closed meanwhile (that failure would not be safe to retry for a POST).
     option http-server-close
-    # Up to 3 more attempts (the client sees one answer); every retry may go to the other app.
+    # Up to 3 more attempts behind one request: the client sees only the final answer.
     retries 3
+    # Every retry avoids the app that just failed: the retry of a refused request reaches the peer.
     option redispatch 1
     # What is retried: a refused or timed-out connection (the request never reached an app) always;
     # an empty answer or a server time-out only for GET/HEAD (below). A retry costs ~0.1 s.
@@ -151,12 +153,12 @@ frontend monitor
     bind 127.0.0.1:{h.monitor_port}
     monitor-uri {MONITOR_PATH}
     monitor fail if {{ nbsrv({BACKEND}) lt 1 }}
-    no log
+    http-request set-log-level silent  # polled every 0.2 s / every scrape: not worth a log line
 
 frontend metrics
     # HAProxy's Prometheus exporter; nftables admits only the admin CIDRs and the peer, and so does this.
     bind :{h.metrics_port}
     http-request deny unless {{ src {trusted} }}
     http-request use-service prometheus-exporter if {{ path {METRICS_PATH} }}
-    no log
+    http-request set-log-level silent  # polled every 0.2 s / every scrape: not worth a log line
 """

@@ -201,7 +201,7 @@ def render_keepalived_conf(facts: NodeFacts) -> str:
     # runs and at least one app, local or the peer's, is UP), not the local app or its containers:
     # a crashed app is absorbed by HAProxy, and moving the reserved IP would only add an outage.
     serving = facts.haproxy is not None
-    check_mode, check_what = ("serve", "HAProxy's monitor answers (this node can serve)") if serving else (
+    check_mode, check_what = ("serve", "This node can serve (HAProxy's monitor answers)") if serving else (
         "http", "The app answers on its health URL")
     if facts.with_compose and not serving:
         services = f"""
@@ -385,6 +385,7 @@ def render_nftables(facts: NodeFacts) -> str:
     admin_sets = ""
     admin_rules = ""
     admin_ports = "22" if facts.haproxy is None else f"{{ 22, {facts.haproxy.metrics_port} }}"
+    admin_also = "" if facts.haproxy is None else "; HAProxy's exporter too"
     if v4:
         admin_sets += _nft_set("admin_v4", "ipv4_addr", v4)
         admin_rules += f"        tcp dport {admin_ports} ip saddr @admin_v4 accept\n"
@@ -395,9 +396,9 @@ def render_nftables(facts: NodeFacts) -> str:
     if facts.haproxy is not None:
         h = facts.haproxy
         peer = f'iifname "{facts.private_interface}" ip saddr {facts.peer_private_ip}'
-        peer_rules = ("        # HAProxy's Prometheus exporter: the admin CIDRs (above) and the peer. The app's\n"
-                      "        # backend port only for the peer's HAProxy over the VPC (its fallback to this node's\n"
-                      "        # app); everyone else reaches the app only through HAProxy.\n"
+        peer_rules = ("        # The exporter also for the peer; the app's backend port only for the peer's HAProxy\n"
+                      "        # over the VPC (its fallback to this node's app): everyone else reaches the app only\n"
+                      "        # through HAProxy.\n"
                       f"        tcp dport {{ {h.backend_port}, {h.metrics_port} }} {peer} accept\n")
         peer_forward = ("        # Docker's DNAT of the backend port on the VPC address: the peer's HAProxy only.\n"
                         f"        ct state new ct status dnat meta l4proto tcp ct original proto-dst {h.backend_port} "
@@ -426,7 +427,7 @@ table inet minitwit_ha {{
         ip protocol icmp icmp type echo-request limit rate 10/second accept
         meta l4proto ipv6-icmp icmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded,
             parameter-problem, nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert }} accept
-        # SSH only from the admin CIDRs (and so only they can provision or roll out).
+        # SSH only from the admin CIDRs (and so only they can provision or roll out){admin_also}.
 {admin_rules}{peer_rules}        # The app, from anywhere.
         tcp dport {{ {ports} }} accept
         counter comment "dropped by policy"
