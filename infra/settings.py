@@ -356,13 +356,17 @@ _PUBLISH_EXAMPLE = (f'ports: ["127.0.0.1:${{{BACKEND_PORT_VAR}}}:5000", '
 def _published(spec: object, backend_port: int) -> tuple[str, str, str] | None:
     """(host IP, host port, text) of one `ports:` entry, the stack's variables resolved to
     "vpc" / the backend port; None when it cannot be read."""
+    resolved = {PRIVATE_IP_VAR: "vpc", BACKEND_PORT_VAR: str(backend_port)}
+
+    def resolve(text: str) -> str:
+        return _VAR_RE.sub(lambda m: resolved.get(m.group(1), m.group(0)), text)
+
     if isinstance(spec, dict):
-        host_ip, published = str(spec.get("host_ip", "")), str(spec.get("published", ""))
+        host_ip, published = resolve(str(spec.get("host_ip", ""))), resolve(str(spec.get("published", "")))
         text = json.dumps(spec)
     elif isinstance(spec, (str, int)):
         text = str(spec)
-        resolved = {PRIVATE_IP_VAR: "vpc", BACKEND_PORT_VAR: str(backend_port)}
-        body = _VAR_RE.sub(lambda m: resolved.get(m.group(1), m.group(0)), text).rsplit("/", 1)[0]
+        body = resolve(text).rsplit("/", 1)[0]
         if body.startswith("["):
             ip, _, rest = body[1:].partition("]")
             parts = [ip, *rest.lstrip(":").split(":")]
@@ -378,9 +382,6 @@ def _published(spec: object, backend_port: int) -> tuple[str, str, str] | None:
             return None
     else:
         return None
-    var = _VAR_RE.fullmatch(host_ip)
-    if var and var.group(1) == PRIVATE_IP_VAR:
-        host_ip = "vpc"
     return host_ip, published, text
 
 
