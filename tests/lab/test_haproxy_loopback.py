@@ -298,6 +298,13 @@ def test_reload_under_traffic_fails_nothing(pair_factory):
 def test_monitor_says_serving_while_any_app_is_up(pair_factory):
     pair = pair_factory()
     assert pair.monitor() == 200
+    conn = http.client.HTTPConnection("127.0.0.1", pair.metrics_port, timeout=2)
+    conn.request("GET", "/metrics")
+    metrics = conn.getresponse().read().decode()
+    conn.close()
+    for name in ("haproxy_backend_active_servers", "haproxy_server_status", "haproxy_backend_retry_warnings_total",
+                 "haproxy_backend_redispatch_warnings_total", "haproxy_backend_http_responses_total"):
+        assert f"\n{name}{{" in metrics, f"{name} missing from HAProxy's exporter"
     pair.kill_app("local")
     assert pair.served() == (200, "peer")
     assert pair.monitor() == 200  # the peer's app still serves: no reason to move the reserved IP
