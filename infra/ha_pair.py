@@ -261,14 +261,14 @@ class NodeChain:
         )
         # HAProxy after this node's app: on a node that ran the app on port 80 before HAProxy, the
         # app step moves it to appBackendPort first, so HAProxy can take port 80.
-        archive, self.haproxy_digest = step_inputs(STEP_HAPROXY, steps.haproxy_staging_path(paths))
+        archive, self.haproxy_digest = step_inputs(STEP_HAPROXY, steps.staging_path(paths.haproxy_cfg))
         self.haproxy = command.remote.Command(
             f"{name}-haproxy", connection=steady_conn, create=steps.haproxy_command(paths), stdin=archive,
             triggers=[droplet.id, self.haproxy_digest],
             opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap, self.app]),
         )
         # keepalived last: its checks ask HAProxy's monitor whether this node can serve.
-        archive, self.keepalived_digest = step_inputs(STEP_KEEPALIVED, steps.keepalived_staging_path(paths))
+        archive, self.keepalived_digest = step_inputs(STEP_KEEPALIVED, steps.staging_path(paths.keepalived_conf))
         self.keepalived = command.remote.Command(
             f"{name}-keepalived", connection=steady_conn, create=steps.keepalived_command(paths), stdin=archive,
             triggers=[droplet.id, self.keepalived_digest],

@@ -115,7 +115,7 @@ def test_secret_file_is_0600_root_from_stdin_and_never_in_the_command(node):
 
 def test_keepalived_step_checks_then_replaces_then_reloads(node):
     files = files_for_step(node.files, STEP_KEEPALIVED)
-    archive = steps.archive_b64(files, steps.keepalived_staging_path(node.paths))
+    archive = steps.archive_b64(files, steps.staging_path(node.paths.keepalived_conf))
     proc = node.run(steps.keepalived_command(node.paths), archive, KEEPALIVED_ACTIVE="yes")
     assert proc.returncode == 0, proc.stderr
     assert Path(node.paths.keepalived_conf).read_text() == files[0].content
@@ -128,22 +128,27 @@ def test_keepalived_step_checks_then_replaces_then_reloads(node):
 def test_keepalived_step_starts_keepalived_when_it_is_not_running(node):
     files = files_for_step(node.files, STEP_KEEPALIVED)
     proc = node.run(steps.keepalived_command(node.paths),
-                    steps.archive_b64(files, steps.keepalived_staging_path(node.paths)), KEEPALIVED_ACTIVE="no")
+                    steps.archive_b64(files, steps.staging_path(node.paths.keepalived_conf)), KEEPALIVED_ACTIVE="no")
     assert proc.returncode == 0, proc.stderr
     assert "systemctl enable --now keepalived" in node.calls()
 
 
-def test_a_config_keepalived_warns_about_is_never_installed(node):
-    good = files_for_step(node.files, STEP_KEEPALIVED)[0]
-    Path(node.paths.keepalived_conf).parent.mkdir(parents=True, exist_ok=True)
-    Path(node.paths.keepalived_conf).write_text("# the running configuration\n")
+@pytest.mark.parametrize(("step", "conf", "command", "message"), [
+    (STEP_KEEPALIVED, "keepalived_conf", steps.keepalived_command, "keepalived -t rejected"),
+    (STEP_HAPROXY, "haproxy_cfg", steps.haproxy_command, "haproxy -c rejected"),
+])
+def test_a_config_the_daemons_check_rejects_is_never_installed(node, step, conf, command, message):
+    good = files_for_step(node.files, step)[0]
+    live = Path(getattr(node.paths, conf))
+    live.parent.mkdir(parents=True, exist_ok=True)
+    live.write_text("# the running configuration\n")
     broken = [type(good)(good.path, good.mode, good.content + "\nBROKEN\n", good.step)]
-    proc = node.run(steps.keepalived_command(node.paths),
-                    steps.archive_b64(broken, steps.keepalived_staging_path(node.paths)), KEEPALIVED_ACTIVE="yes")
+    proc = node.run(command(node.paths), steps.archive_b64(broken, steps.staging_path(str(live))),
+                    KEEPALIVED_ACTIVE="yes")
     assert proc.returncode == 1
-    assert "keepalived -t rejected the rendered configuration" in proc.stderr and "BROKEN" in proc.stderr
-    assert Path(node.paths.keepalived_conf).read_text() == "# the running configuration\n"
-    assert not Path(node.paths.keepalived_conf + ".new").exists()
+    assert f"{message} the rendered configuration" in proc.stderr and "BROKEN" in proc.stderr
+    assert live.read_text() == "# the running configuration\n"
+    assert not Path(f"{live}.new").exists()
     assert not [c for c in node.calls() if c.startswith("systemctl reload")]
 
 
@@ -201,26 +206,13 @@ def test_app_step_sets_the_stack_variables_in_compose_env_and_keeps_the_version(
 
 def test_haproxy_step_checks_then_replaces_then_reloads(node):
     files = files_for_step(node.files, STEP_HAPROXY)
-    archive = steps.archive_b64(files, steps.haproxy_staging_path(node.paths))
+    archive = steps.archive_b64(files, steps.staging_path(node.paths.haproxy_cfg))
     proc = node.run(steps.haproxy_command(node.paths), archive, KEEPALIVED_ACTIVE="yes")  # the stub: "active"
     assert proc.returncode == 0, proc.stderr
     assert Path(node.paths.haproxy_cfg).read_text() == files[0].content
     assert not Path(node.paths.haproxy_cfg + ".new").exists()
     calls = node.calls()
     assert calls.index(f"haproxy -c -q -f {node.paths.haproxy_cfg}.new") < calls.index("systemctl reload haproxy")
-
-
-def test_a_config_haproxy_rejects_is_never_installed(node):
-    good = files_for_step(node.files, STEP_HAPROXY)[0]
-    Path(node.paths.haproxy_cfg).parent.mkdir(parents=True, exist_ok=True)
-    Path(node.paths.haproxy_cfg).write_text("# the running configuration\n")
-    broken = [type(good)(good.path, good.mode, good.content + "\nBROKEN\n", good.step)]
-    proc = node.run(steps.haproxy_command(node.paths),
-                    steps.archive_b64(broken, steps.haproxy_staging_path(node.paths)), KEEPALIVED_ACTIVE="yes")
-    assert proc.returncode == 1
-    assert "haproxy -c rejected the rendered configuration" in proc.stderr and "BROKEN" in proc.stderr
-    assert Path(node.paths.haproxy_cfg).read_text() == "# the running configuration\n"
-    assert not [c for c in node.calls() if c.startswith("systemctl reload")]
 
 
 def test_the_step_scripts_are_shellcheck_clean(tmp_path):
