@@ -26,11 +26,13 @@ from infra import steps
 from infra.adopt import stack_tag
 from infra.cloudinit import render_cloud_init
 from infra.database import GrantsStep, SharedDatabase
+from infra.haproxy import HaproxyFacts
 from infra.node import (
     REPO_ROOT,
     STEP_APP,
     STEP_FAILOVER,
     STEP_FIREWALL,
+    STEP_HAPROXY,
     STEP_KEEPALIVED,
     NodeFacts,
     NodeFile,
@@ -202,6 +204,8 @@ class NodeChain:
                 private_interface=s.private_interface, admin_cidrs=s.admin_cidrs, http_ports=s.http_ports,
                 health_url=s.health_url, profile=PROFILES[s.failover_profile], compose_project=COMPOSE_PROJECT,
                 paths=paths, app_image=s.app_image,
+                haproxy=HaproxyFacts(public_port=s.app_port, backend_port=s.app_backend_port,
+                                     serve=s.serve, check_path=s.app_check_path),
             )
 
         rendered: Output[list[NodeFile]] = Output.all(
@@ -241,12 +245,6 @@ class NodeChain:
             stdin=archive, triggers=[droplet.id, self.firewall_digest],
             opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap]),
         )
-        archive, self.keepalived_digest = step_inputs(STEP_KEEPALIVED, steps.keepalived_staging_path(paths))
-        self.keepalived = command.remote.Command(
-            f"{name}-keepalived", connection=steady_conn, create=steps.keepalived_command(paths), stdin=archive,
-            triggers=[droplet.id, self.keepalived_digest],
-            opts=ResourceOptions(parent=parent, depends_on=[self.failover, self.firewall, self.token]),
-        )
 
         app_deps: list[pulumi.Resource] = [self.bootstrap, self.failover]
         self.registry = None
@@ -278,8 +276,23 @@ class NodeChain:
             opts=ResourceOptions(parent=parent, depends_on=app_deps + app_after,
                                  custom_timeouts=pulumi.CustomTimeouts(create="20m", update="20m")),
         )
+        # HAProxy after this node's app: on a node that ran the app on port 80 before HAProxy, the
+        # app step moves it to appBackendPort first, so HAProxy can take port 80.
+        archive, self.haproxy_digest = step_inputs(STEP_HAPROXY, steps.staging_path(paths.haproxy_cfg))
+        self.haproxy = command.remote.Command(
+            f"{name}-haproxy", connection=steady_conn, create=steps.haproxy_command(paths), stdin=archive,
+            triggers=[droplet.id, self.haproxy_digest],
+            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap, self.app]),
+        )
+        # keepalived last: its checks ask HAProxy's monitor whether this node can serve.
+        archive, self.keepalived_digest = step_inputs(STEP_KEEPALIVED, steps.staging_path(paths.keepalived_conf))
+        self.keepalived = command.remote.Command(
+            f"{name}-keepalived", connection=steady_conn, create=steps.keepalived_command(paths), stdin=archive,
+            triggers=[droplet.id, self.keepalived_digest],
+            opts=ResourceOptions(parent=parent, depends_on=[self.failover, self.firewall, self.token, self.haproxy]),
+        )
         self.commands = [c for c in (self.wait, self.bootstrap, self.token, self.alert_webhook, self.failover,
-                                     self.firewall, self.keepalived, self.registry, self.app_env, self.db_grants,
-                                     self.app) if c is not None]
+                                     self.firewall, self.registry, self.app_env, self.db_grants, self.app,
+                                     self.haproxy, self.keepalived) if c is not None]
         self.digest = Output.all(self.failover_digest, self.firewall_digest, self.keepalived_digest,
-                                 self.app_digest).apply(lambda ds: steps.digest(*ds))
+                                 self.app_digest, self.haproxy_digest).apply(lambda ds: steps.digest(*ds))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from infra.haproxy import HaproxyFacts, render_haproxy_cfg
 from infra.profiles import PROFILES, Profile
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +29,7 @@ STEP_FAILOVER = "failover"      # scripts, env files, systemd units -> restart w
 STEP_FIREWALL = "firewall"      # nftables ruleset -> nft -c, nft -f
 STEP_KEEPALIVED = "keepalived"  # keepalived.conf -> keepalived -t, reload
 STEP_APP = "app"                # compose file -> docker compose pull/up
+STEP_HAPROXY = "haproxy"        # haproxy.cfg -> haproxy -c, swap in, reload (hitless)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,14 @@ class NodePaths:
         return self._p("/etc/keepalived/keepalived.conf")
 
     @property
+    def haproxy_cfg(self) -> str:
+        return self._p("/etc/haproxy/haproxy.cfg")
+
+    @property
+    def haproxy_admin_socket(self) -> str:
+        return self._p("/run/haproxy/admin.sock")
+
+    @property
     def nftables_conf(self) -> str:
         return self._p("/etc/nftables.conf")
 
@@ -88,8 +98,13 @@ class NodePaths:
         return f"{self.app_dir}/app.env"
 
     @property
-    def compose_env(self) -> str:
-        """The stack's compose variables; the app step merges them into the app's .env."""
+    def compose_dotenv(self) -> str:
+        """compose's own `.env` (variables for ${...} in the compose file); mt-deploy writes the version."""
+        return f"{self.app_dir}/.env"
+
+    @property
+    def stack_env(self) -> str:
+        """The stack's compose variables (the node's VPC address, the backend port), merged into `.env`."""
         return f"{self.app_dir}/stack.env"
 
     @property
@@ -159,6 +174,9 @@ class NodeFacts:
     peer_public_ip: str = ""       # the peer's public IPv4: is it still serving through the reserved IP?
     app_image: str = ""            # MINITWIT_IMAGE for the compose file; empty: no stack.env (the lab)
     allow_insecure_http: bool = False  # the lab only: its fake API and webhook sink speak plain http
+    # HAProxy in front of the app (the stack always sets it). None: the app owns the public port
+    # and keepalived checks the app itself (the lab until it runs HAProxy).
+    haproxy: HaproxyFacts | None = None
 
 
 @dataclass(frozen=True)
@@ -198,7 +216,13 @@ def render_keepalived_conf(facts: NodeFacts) -> str:
                       "no flapping on one lucky answer\n")
     services = ""
     track_services = ""
-    if facts.with_compose:
+    # With HAProxy in front, keepalived tracks whether this node can serve (HAProxy's monitor: it
+    # runs and at least one app, local or the peer's, is UP), not the local app or its containers:
+    # a crashed app is absorbed by HAProxy, and moving the reserved IP would only add an outage.
+    serving = facts.haproxy is not None
+    check_mode, check_what = ("serve", "This node can serve (HAProxy's monitor answers)") if serving else (
+        "http", "The app answers on its health URL")
+    if facts.with_compose and not serving:
         services = f"""
 # Every service of the compose file is running. Needs the docker socket, which is root-equivalent,
 # so this one script runs as root; it only reads (`docker compose ps`).
@@ -215,10 +239,11 @@ vrrp_script chk_services {{
     watcher = ""
     track_file = ""
     if p.use_watcher:
+        watched = "HAProxy's monitor URL" if serving else "the health URL"
         watcher = f"""
-# The fast path. mt-healthwatch polls the health URL and the maintenance flag every
+# The fast path. mt-healthwatch polls {watched} and the maintenance flag every
 # {p.watch_interval_s} s and writes 0 (healthy) or the failing check's code here; keepalived re-reads
-# the file the moment it changes (inotify), so an app crash reaches FAULT in about
+# the file the moment it changes (inotify), so a failed check reaches FAULT in about
 # {p.watch_fall} x {p.watch_interval_s} s instead of whole-second script intervals.
 track_file app_watch {{
     file "{paths.track_file}"
@@ -264,10 +289,10 @@ global_defs {{
     vrrp_check_unicast_src
 }}
 
-# The app answers on its health URL (and no maintenance flag). The slow, thorough path: a
-# backstop if the watcher below is not running.
+# {check_what} (and no maintenance flag). The slow, thorough
+# path: a backstop if the watcher below is not running.
 vrrp_script chk_app {{
-    script "{health} http"
+    script "{health} {check_mode}"
     interval {p.check_interval}     # whole seconds in keepalived 2.2.x
     timeout {p.check_timeout}      # a hung check counts as a failure after {p.check_timeout} s
 {fall_rise}}}
@@ -368,6 +393,9 @@ def render_health_env(facts: NodeFacts) -> str:
     paths = facts.paths
     lines = {
         "HEALTH_URL": facts.health_url,
+        # keepalived's checks (mt-healthwatch, `mt-health serve`): HAProxy's monitor when it fronts
+        # the app; empty: they check HEALTH_URL, the app itself.
+        "SERVE_URL": facts.haproxy.monitor_url if facts.haproxy else "",
         "HEALTH_TIMEOUT_S": "1",
         "WATCH_INTERVAL_S": p.watch_interval_s,
         "WATCH_TIMEOUT_S": "0.5",
@@ -383,12 +411,20 @@ def render_health_env(facts: NodeFacts) -> str:
     return _env_file(_header(facts, "Health check settings (read by mt-health and mt-healthwatch)"), lines)
 
 
-def render_compose_env(facts: NodeFacts) -> str:
-    """Variables the stack owns in the app's .env, which compose reads for `${...}` in the compose
-    file. The rollout owns MINITWIT_VERSION in the same file, so the app step merges these keys in
-    rather than replacing the file (steps.app_command)."""
-    lines = {"MINITWIT_IMAGE": facts.app_image}
-    return _env_file(_header(facts, "Compose variables set by the stack (merged into .env)"), lines)
+def render_stack_env(facts: NodeFacts) -> str | None:
+    """The compose variables the stack owns: the image (appImage), the node's VPC address and the
+    backend port (HAProxy). compose reads `${...}` only from `.env`, where the rollout keeps
+    MINITWIT_VERSION, so the app step merges these keys in rather than replacing the file.
+    None when the stack owns none (the lab without HAProxy)."""
+    lines = {}
+    if facts.app_image:
+        lines["MINITWIT_IMAGE"] = facts.app_image
+    if facts.haproxy is not None:
+        lines["MTHA_PRIVATE_IPV4"] = facts.private_ip
+        lines["MTHA_APP_BACKEND_PORT"] = str(facts.haproxy.backend_port)
+    if not lines:
+        return None
+    return _env_file(_header(facts, "Compose variables set by the stack (merged into .env by the app step)"), lines)
 
 
 def _env_file(header: str, values: dict[str, str]) -> str:
@@ -408,12 +444,25 @@ def render_nftables(facts: NodeFacts) -> str:
     ports = ", ".join(str(p) for p in sorted(set(facts.http_ports)))
     admin_sets = ""
     admin_rules = ""
+    admin_ports = "22" if facts.haproxy is None else f"{{ 22, {facts.haproxy.metrics_port} }}"
+    admin_also = "" if facts.haproxy is None else "; HAProxy's exporter too"
     if v4:
         admin_sets += _nft_set("admin_v4", "ipv4_addr", v4)
-        admin_rules += "        tcp dport 22 ip saddr @admin_v4 accept\n"
+        admin_rules += f"        tcp dport {admin_ports} ip saddr @admin_v4 accept\n"
     if v6:
         admin_sets += _nft_set("admin_v6", "ipv6_addr", v6)
-        admin_rules += "        tcp dport 22 ip6 saddr @admin_v6 accept\n"
+        admin_rules += f"        tcp dport {admin_ports} ip6 saddr @admin_v6 accept\n"
+    peer_rules = peer_forward = ""
+    if facts.haproxy is not None:
+        h = facts.haproxy
+        peer = f'iifname "{facts.private_interface}" ip saddr {facts.peer_private_ip}'
+        peer_rules = ("        # The exporter also for the peer; the app's backend port only for the peer's HAProxy\n"
+                      "        # over the VPC (its fallback to this node's app): everyone else reaches the app only\n"
+                      "        # through HAProxy.\n"
+                      f"        tcp dport {{ {h.backend_port}, {h.metrics_port} }} {peer} accept\n")
+        peer_forward = ("        # Docker's DNAT of the backend port on the VPC address: the peer's HAProxy only.\n"
+                        f"        ct state new ct status dnat meta l4proto tcp ct original proto-dst {h.backend_port} "
+                        f"{peer} accept\n")
     return f"""#!/usr/sbin/nft -f
 {_header(facts, 'Host firewall')}#
 # Why on the host: DigitalOcean Cloud Firewalls filter only TCP, UDP and ICMP and also apply to
@@ -438,8 +487,8 @@ table inet minitwit_ha {{
         ip protocol icmp icmp type echo-request limit rate 10/second accept
         meta l4proto ipv6-icmp icmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded,
             parameter-problem, nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert }} accept
-        # SSH only from the admin CIDRs (and so only they can provision or roll out).
-{admin_rules}        # The app, from anywhere.
+        # SSH only from the admin CIDRs (and so only they can provision or roll out){admin_also}.
+{admin_rules}{peer_rules}        # The app, from anywhere.
         tcp dport {{ {ports} }} accept
         counter comment "dropped by policy"
     }}
@@ -448,7 +497,7 @@ table inet minitwit_ha {{
         type filter hook forward priority filter - 10; policy accept;
         # Docker publishes container ports with DNAT and its own FORWARD accept, which the input
         # chain never sees; keep only the app's ports reachable through those.
-        ct state new ct status dnat meta l4proto tcp ct original proto-dst != {{ {ports} }} counter drop
+{peer_forward}        ct state new ct status dnat meta l4proto tcp ct original proto-dst != {{ {ports} }} counter drop
         ct state new ct status dnat meta l4proto udp counter drop
     }}
 }}
@@ -549,10 +598,13 @@ def render_node_files(facts: NodeFacts, compose_text: str | None = None,
     files += [NodeFile(path, 0o644, text, STEP_FAILOVER) for path, text in render_units(facts).items()]
     files.append(NodeFile(paths.nftables_conf, 0o644, render_nftables(facts), STEP_FIREWALL))
     files.append(NodeFile(paths.keepalived_conf, 0o644, render_keepalived_conf(facts), STEP_KEEPALIVED))
+    if facts.haproxy is not None:
+        files.append(NodeFile(paths.haproxy_cfg, 0o644, render_haproxy_cfg(facts), STEP_HAPROXY))
     if compose_text is not None:
         files.append(NodeFile(paths.compose_file, 0o644, compose_text, STEP_APP))
-        if facts.app_image:
-            files.append(NodeFile(paths.compose_env, 0o644, render_compose_env(facts), STEP_APP))
+    stack_env = render_stack_env(facts)
+    if stack_env is not None:
+        files.append(NodeFile(paths.stack_env, 0o644, stack_env, STEP_APP))
     return files
 
 

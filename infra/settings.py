@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from infra.haproxy import METRICS_PORT, MONITOR_PORT, SERVE_MODES
 from infra.profiles import PROFILES
 from infra.schema import PROJECT, ConfigKey, load_schema
 
@@ -184,6 +185,9 @@ class Settings:
     # An adopted reservedIp that another droplet holds may be taken over (see infra/adopt.py).
     reserved_ip_takeover: bool = False
     alert_webhook_url: Secret | None = None  # None: no alerts (the node gets an empty webhook file)
+    app_backend_port: int = 5000       # HAProxy's backends: the local and the peer's app
+    serve: str = "active-standby"
+    app_check_path: str = ""           # empty: TCP checks
 
     @property
     def http_ports(self) -> tuple[int, ...]:
@@ -354,7 +358,76 @@ def _check_admin_cidrs(r: _Reader, key: str, values: list[str] | None) -> tuple[
     return tuple(out)
 
 
-def _check_compose(r: _Reader, key: str, value: str, project_dir: Path) -> Compose:
+# The compose variables the stack writes into the app's `.env` on each node (infra.node.render_stack_env).
+PRIVATE_IP_VAR = "MTHA_PRIVATE_IPV4"
+BACKEND_PORT_VAR = "MTHA_APP_BACKEND_PORT"
+_VAR_RE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)(?:[:?-][^}]*)?\}?")
+_PUBLISH_EXAMPLE = (f'ports: ["127.0.0.1:${{{BACKEND_PORT_VAR}}}:5000", '
+                    f'"${{{PRIVATE_IP_VAR}}}:${{{BACKEND_PORT_VAR}}}:5000"]')
+
+
+def _published(spec: object, backend_port: int) -> tuple[str, str, str] | None:
+    """(host IP, host port, text) of one `ports:` entry, the stack's variables resolved to
+    "vpc" / the backend port; None when it cannot be read."""
+    resolved = {PRIVATE_IP_VAR: "vpc", BACKEND_PORT_VAR: str(backend_port)}
+
+    def resolve(text: str) -> str:
+        return _VAR_RE.sub(lambda m: resolved.get(m.group(1), m.group(0)), text)
+
+    if isinstance(spec, dict):
+        host_ip, published = resolve(str(spec.get("host_ip", ""))), resolve(str(spec.get("published", "")))
+        text = json.dumps(spec)
+    elif isinstance(spec, (str, int)):
+        text = str(spec)
+        body = resolve(text).rsplit("/", 1)[0]
+        if body.startswith("["):
+            ip, _, rest = body[1:].partition("]")
+            parts = [ip, *rest.lstrip(":").split(":")]
+        else:
+            parts = body.split(":")
+        if len(parts) == 1:
+            host_ip, published = "", ""
+        elif len(parts) == 2:
+            host_ip, published = "", parts[0]
+        elif len(parts) == 3:
+            host_ip, published = parts[0], parts[1]
+        else:
+            return None
+    else:
+        return None
+    return host_ip, published, text
+
+
+def _check_ports(r: _Reader, key: str, path: Path, services: dict, backend_port: int) -> None:
+    """The app is published on 127.0.0.1 and the node's VPC address only: HAProxy owns the public
+    port, and the firewall lets only the peer reach the backend port over the VPC."""
+    reached: set[str] = set()
+    for name, spec in services.items():
+        if not isinstance(spec, dict):
+            continue
+        if spec.get("network_mode") == "host":
+            r.fail(key, f"service '{name}' in {path} uses network_mode: host, which publishes whatever it listens "
+                        f"on, on every address; publish ports instead: {_PUBLISH_EXAMPLE}")
+        for entry in spec.get("ports") or []:
+            parsed = _published(entry, backend_port)
+            if parsed is None:
+                r.fail(key, f"service '{name}' in {path}: cannot read port entry {entry!r}; use {_PUBLISH_EXAMPLE}")
+                continue
+            host_ip, published, text = parsed
+            if host_ip not in ("127.0.0.1", "vpc"):
+                where = f"on {host_ip}" if host_ip else "without a host IP, i.e. on every address"
+                r.fail(key, f"service '{name}' in {path} publishes '{text}' {where}; HAProxy owns the public port, "
+                            f"so publish only on 127.0.0.1 and ${{{PRIVATE_IP_VAR}}}: {_PUBLISH_EXAMPLE}")
+            elif published == str(backend_port):
+                reached.add(host_ip)
+    labels = {"127.0.0.1": "127.0.0.1", "vpc": f"${{{PRIVATE_IP_VAR}}}"}
+    if services and reached != labels.keys():
+        missing = " and ".join(labels[h] for h in sorted(labels.keys() - reached))
+        r.fail(key, f"no service in {path} publishes appBackendPort ({backend_port}) on {missing}: HAProxy and the "
+                    f"health checks reach the app there; {_PUBLISH_EXAMPLE}")
+
+
+def _check_compose(r: _Reader, key: str, value: str, project_dir: Path, backend_port: int) -> Compose:
     path = (project_dir / value).resolve() if not Path(value).is_absolute() else Path(value)
     empty = Compose(path=path, text="", services=())
     if not value:
@@ -376,32 +449,30 @@ def _check_compose(r: _Reader, key: str, value: str, project_dir: Path) -> Compo
     for name, spec in services.items():
         if not isinstance(spec, dict) or not spec.get("image"):
             r.fail(key, f"service '{name}' in {path} has no image; the droplets pull images, they never build")
+    _check_ports(r, key, path, services, backend_port)
     return Compose(path=path, text=text, services=tuple(sorted(services)))
 
 
-def _check_health_url(r: _Reader, key: str, value: str) -> str:
+def _check_health_url(r: _Reader, key: str, value: str, app_port: int, backend_port: int) -> str:
+    example = f"http://127.0.0.1:{backend_port}/latest"
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        r.fail(key, f"'{value}' is not an http(s) URL; use e.g. http://127.0.0.1:80/latest")
+        r.fail(key, f"'{value}' is not an http(s) URL; use e.g. {example}")
         return value
     if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
         r.fail(key, f"host '{parts.hostname}' is not loopback; each node checks its own app, "
-                    "so use http://127.0.0.1:PORT/PATH")
+                    f"so use http://127.0.0.1:{backend_port}/PATH")
+        return value
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if port == app_port:
+        # The URL of stacks from before HAProxy: port 80 now reaches HAProxy, which answers from the
+        # peer's app when the local one is down, so the check would no longer see the local app.
+        r.fail(key, f"port {port} is HAProxy's public port (appPort) since HAProxy fronts the app; check the "
+                    f"app itself on appBackendPort: {example}")
+    elif port != backend_port:
+        r.fail(key, f"port {port} is not appBackendPort ({backend_port}), where the app listens on the node; "
+                    f"use {example}")
     return value
-
-
-def _check_health_port(r: _Reader, health_url: str, app_port: int) -> None:
-    """The health check must ask the port the app is published on, or it checks something else."""
-    parts = urlsplit(health_url)
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        r.fail("healthUrl", f"'{health_url}' has an invalid port; use http://127.0.0.1:PORT/PATH")
-        return
-    if parts.scheme in ("http", "https") and port != app_port:
-        fixed = parts._replace(netloc=f"{parts.hostname}:{app_port}").geturl()
-        r.fail("healthUrl", f"asks port {port} but appPort is {app_port}: the app is published on appPort, "
-                            f"so check it there ({fixed}) or set appPort {port}")
 
 
 def image_registry(image: str) -> str:
@@ -448,6 +519,23 @@ def _read_registry(r: _Reader, app_image: str) -> Registry | None:
     if server and user and password:
         return Registry(server=server, username=user, password=password)
     return None
+
+
+_CHECK_PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*$")
+# Ports the node uses itself: SSH, HAProxy's monitor and Prometheus exporter, node-exporter.
+_RESERVED_PORTS = {22: "SSH", MONITOR_PORT: "HAProxy's monitor (keepalived's check)",
+                   METRICS_PORT: "HAProxy's Prometheus exporter", 9100: "node-exporter"}
+
+
+def _check_backend_port(r: _Reader, key: str, app_port: int) -> int:
+    port = r.integer(key, 1024, 65535)
+    if not 1024 <= port <= 65535:
+        return port
+    if port == app_port:
+        r.fail(key, f"{port} is appPort, where HAProxy listens; give the app its own port, e.g. 5000")
+    elif port in _RESERVED_PORTS:
+        r.fail(key, f"{port} is taken by {_RESERVED_PORTS[port]} on the nodes; use another port, e.g. 5000")
+    return port
 
 
 def unknown_keys(source: ConfigSource, schema: Mapping[str, ConfigKey]) -> list[Problem]:
@@ -536,13 +624,20 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
     if takeover and not reserved_ip:
         r.fail("reservedIpTakeover", "is true but reservedIp is empty; it only applies to an adopted reservedIp")
 
-    compose = _check_compose(r, "composeFile", r.string("composeFile"), project_dir)
-    health_url = _check_health_url(r, "healthUrl", r.string("healthUrl"))
     app_port = r.integer("appPort", 1, 65535)
     if app_port == 22:
         r.fail("appPort", "22 is SSH's port, reserved for the admin CIDRs; publish the app on 80 or another port")
-
-    _check_health_port(r, health_url, app_port)
+    backend_port = _check_backend_port(r, "appBackendPort", app_port)
+    serve = r.string("serve")
+    if serve not in SERVE_MODES:
+        r.fail("serve", f"'{serve}' is not a serving mode; use active-standby (the local app, the peer's only "
+                        "when it is down) or both (each node's HAProxy balances over both apps)")
+    check_path = r.string("appCheckPath")
+    if check_path and not _CHECK_PATH_RE.match(check_path):
+        r.fail("appCheckPath", f"'{check_path}' is not an absolute URL path; use e.g. /healthz (a path that "
+                               "needs no database), or leave it empty for TCP checks")
+    compose = _check_compose(r, "composeFile", r.string("composeFile"), project_dir, backend_port)
+    health_url = _check_health_url(r, "healthUrl", r.string("healthUrl"), app_port, backend_port)
     app_image = _check_app_image(r, "appImage", r.string("appImage"))
     registry = _read_registry(r, app_image)
 
@@ -576,7 +671,8 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
         private_interface=iface, ssh_public_key=pubkey or None,
         ssh_key_fingerprints=tuple(fp.lower() for fp in fingerprints), ssh_private_key=private_key,
         admin_cidrs=admin_cidrs, reserved_ip=reserved_ip, compose=compose, health_url=health_url,
-        app_port=app_port, registry=registry, failover_token=token, protect=protect,
+        app_port=app_port, app_backend_port=backend_port, serve=serve, app_check_path=check_path,
+        registry=registry, failover_token=token, protect=protect,
         failover_profile=profile, vrrp_router_id=router_id, database=database, app_image=app_image,
         reserved_ip_takeover=takeover,
         alert_webhook_url=webhook or None,

@@ -139,29 +139,52 @@ def firewall_command(paths: NodePaths, admin_cidrs: tuple[str, ...]) -> str:
     )
 
 
-def keepalived_command(paths: NodePaths) -> str:
-    conf = paths.keepalived_conf
-    new = f"{conf}.new"
-    ok = "|".join(str(c) for c in KEEPALIVED_T_OK)
+def _checked_swap(conf: str, service: str, tool: str, check: list[str], accepted: str, why: str) -> str:
+    """Extract `conf`.new, run `check` on it (it sets $out), install it only when `accepted` holds,
+    then reload `service` (or start it when it is not running)."""
+    new = shlex.quote(f"{conf}.new")
     return _script(
         EXTRACT,
         "# Check the new file before it replaces the running one.",
-        f"out=$(sudo keepalived -t -f {shlex.quote(new)} 2>&1) && rc=0 || rc=$?",
-        f'case "$rc" in {ok}) ;; *) rc=fail ;; esac',
-        'if [ "$rc" = fail ] || [ -n "$out" ]; then',
-        '  echo "keepalived -t rejected the rendered configuration:" >&2; echo "$out" >&2',
-        f"  sudo rm -f {shlex.quote(new)}; exit 1",
+        *check,
+        f"if ! {{ {accepted}; }}; then",
+        f'  echo "{tool} rejected the rendered configuration:" >&2; echo "$out" >&2',
+        f"  sudo rm -f {new}; exit 1",
         "fi",
-        f"sudo mv {shlex.quote(new)} {shlex.quote(conf)}",
-        "# Reload, not restart: a restart would drop MASTER and move the reserved IP for nothing.",
-        "if systemctl is-active --quiet keepalived; then sudo systemctl reload keepalived;"
-        " else sudo systemctl enable --now keepalived; fi",
-        'echo "keepalived configuration checked and loaded"',
+        f"sudo mv {new} {shlex.quote(conf)}",
+        f"# {why}",
+        f"if systemctl is-active --quiet {service}; then sudo systemctl reload {service};"
+        f" else sudo systemctl enable --now {service}; fi",
+        f'echo "{service} configuration checked and loaded"',
     )
 
 
-def keepalived_staging_path(paths: NodePaths) -> dict[str, str]:
-    return {paths.keepalived_conf: f"{paths.keepalived_conf}.new"}
+def staging_path(conf: str) -> dict[str, str]:
+    """The archive writes `conf` as `conf`.new: the step checks it before it replaces the live file."""
+    return {conf: f"{conf}.new"}
+
+
+def keepalived_command(paths: NodePaths) -> str:
+    conf = paths.keepalived_conf
+    ok = "|".join(str(c) for c in KEEPALIVED_T_OK)
+    return _checked_swap(
+        conf, "keepalived", "keepalived -t",
+        [f"out=$(sudo keepalived -t -f {shlex.quote(conf + '.new')} 2>&1) && rc=0 || rc=$?",
+         f'case "$rc" in {ok}) ;; *) rc=fail ;; esac'],
+        '[ "$rc" != fail ] && [ -z "$out" ]',
+        "Reload, not restart: a restart would drop MASTER and move the reserved IP for nothing.",
+    )
+
+
+def haproxy_command(paths: NodePaths) -> str:
+    conf = paths.haproxy_cfg
+    return _checked_swap(
+        conf, "haproxy", "haproxy -c",
+        [f"out=$(sudo haproxy -c -q -f {shlex.quote(conf + '.new')} 2>&1) && rc=0 || rc=$?"],
+        '[ "$rc" = 0 ]',
+        "Reload, not restart: master-worker (-Ws) hands the listening sockets to a new worker and the "
+        "old one finishes its requests, so no connection is refused or cut.",
+    )
 
 
 def registry_login_command(server: str, username: str) -> str:
@@ -175,8 +198,8 @@ def merge_compose_env_lines(paths: NodePaths) -> tuple[str, ...]:
     """Merge the stack's keys (stack.env) into the app's .env, keeping every other line (the
     rollout's MINITWIT_VERSION): the stack's lines first, then the old lines whose key it does not
     set. Idempotent; written beside .env and renamed, so compose never reads half a file."""
-    ours, dotenv = shlex.quote(paths.compose_env), shlex.quote(f"{paths.app_dir}/.env")
-    new = shlex.quote(f"{paths.app_dir}/.env.new")
+    ours, dotenv = shlex.quote(paths.stack_env), shlex.quote(paths.compose_dotenv)
+    new = shlex.quote(f"{paths.compose_dotenv}.new")
     return (
         f"if [ -f {ours} ]; then",
         f"  sudo touch {dotenv}",

@@ -3,7 +3,7 @@
 # node-bootstrap.sh — first provisioning step on a minitwit-ha droplet (run as root, via
 # `sudo bash -s` with this file on stdin). Idempotent: safe to run again.
 #
-# Installs keepalived, nftables, curl and Docker Engine with the compose plugin (from Docker's
+# Installs keepalived, HAProxy, nftables, curl and Docker Engine with the compose plugin (from Docker's
 # apt repository: Debian's own docker-compose is the old v1), creates the unprivileged user
 # keepalived runs its checks as, and leaves keepalived stopped until its configuration arrives.
 
@@ -23,9 +23,9 @@ apt_install() {
 }
 
 install_base() {
-  log "installing keepalived, nftables, curl, python3"
+  log "installing keepalived, haproxy, nftables, curl, python3"
   apt-get update -q
-  apt_install keepalived nftables curl ca-certificates python3 gnupg
+  apt_install keepalived haproxy nftables curl ca-certificates python3 gnupg
 }
 
 install_docker() {
@@ -67,6 +67,10 @@ main() {
   if ! [ -s /etc/keepalived/keepalived.conf ]; then
     # Debian starts keepalived on install; without our config it has nothing to do.
     systemctl stop keepalived 2>/dev/null || true
+  fi
+  if ! grep -qs minitwit-ha /etc/haproxy/haproxy.cfg; then
+    # Debian starts haproxy with its sample config; ours arrives with the haproxy step.
+    systemctl stop haproxy 2>/dev/null || true
   fi
   log "done"
 }

@@ -155,9 +155,56 @@ def test_firewall_admits_vrrp_only_from_the_peer(stack_run, node, peer):
     rules = node_file(stack_run, node, "firewall", "/etc/nftables.conf")
     vrrp_accept = [ln.strip() for ln in rules.splitlines() if "vrrp" in ln and "accept" in ln]
     assert vrrp_accept == [f'meta l4proto vrrp iifname "eth1" ip saddr {nodes[peer]["private_ipv4"]} accept']
-    assert "tcp dport 22 ip saddr @admin_v4 accept" in rules and "198.51.100.0/24" in rules
+    assert "tcp dport { 22, 8405 } ip saddr @admin_v4 accept" in rules and "198.51.100.0/24" in rules
     assert "tcp dport { 80, 443 } accept" in rules
     assert "policy drop" in rules
+
+
+@pytest.mark.parametrize("node,peer", [("primary", "standby"), ("standby", "primary")])
+def test_firewall_admits_the_backend_port_and_metrics_only_from_the_peer_over_the_vpc(stack_run, node, peer):
+    peer_ip = stack_run.outputs["nodes"].value[peer]["private_ipv4"]
+    rules = node_file(stack_run, node, "firewall", "/etc/nftables.conf")
+    mentions = [ln.strip() for ln in rules.splitlines() if "5000" in ln and not ln.strip().startswith("#")]
+    assert mentions == [
+        f'tcp dport {{ 5000, 8405 }} iifname "eth1" ip saddr {peer_ip} accept',
+        f'ct state new ct status dnat meta l4proto tcp ct original proto-dst 5000 iifname "eth1" '
+        f'ip saddr {peer_ip} accept',
+    ]
+    # The public ports stay 80/443: the backend port and the exporter are nobody else's.
+    assert [ln.strip() for ln in rules.splitlines() if "accept" in ln and "saddr" not in ln and "dport" in ln] == [
+        "tcp dport { 80, 443 } accept"]
+
+
+@pytest.mark.parametrize("node,peer", [("primary", "standby"), ("standby", "primary")])
+def test_haproxy_cfg_serves_the_local_app_first_and_the_peers_over_the_vpc(stack_run, node, peer):
+    nodes = stack_run.outputs["nodes"].value
+    cfg = node_file(stack_run, node, "haproxy", "/etc/haproxy/haproxy.cfg.new")
+    servers = [ln.split()[:3] for ln in cfg.splitlines() if ln.strip().startswith("server ")]
+    assert servers == [["server", "local", f"{nodes[node]['private_ipv4']}:5000"],
+                       ["server", "peer", f"{nodes[peer]['private_ipv4']}:5000"]]
+    assert "    bind :80\n" in cfg and "balance first" in cfg
+    assert "bind 127.0.0.1:8404" in cfg and "stats socket /run/haproxy/admin.sock mode 660 level admin" in cfg
+
+
+def test_settings_flow_into_haproxy_health_env_and_compose_variables():
+    run = run_stack(base_config(appBackendPort=6000, serve="both", appCheckPath="/healthz",
+                                healthUrl="http://127.0.0.1:6000/latest"))
+    cfg = node_file(run, "primary", "haproxy", "/etc/haproxy/haproxy.cfg.new")
+    assert "balance leastconn" in cfg and "option httpchk GET /healthz" in cfg and ":6000 check" in cfg
+    health = node_file(run, "primary", "failover", "/etc/minitwit-ha/health.env")
+    assert "HEALTH_URL=http://127.0.0.1:6000/latest\n" in health
+    assert "SERVE_URL=http://127.0.0.1:8404/minitwit-ha/serving\n" in health
+    private = run.outputs["nodes"].value["primary"]["private_ipv4"]
+    stack_env = node_file(run, "primary", "app", "/srv/minitwit/stack.env")
+    assert f"MTHA_PRIVATE_IPV4={private}\n" in stack_env and "MTHA_APP_BACKEND_PORT=6000\n" in stack_env
+
+
+def test_haproxy_step_checks_before_the_swap_and_keepalived_waits_for_it(stack_run):
+    create = next(r for r in stack_run.commands() if r.name == "minitwit-test-primary-haproxy").plain("create")
+    assert create.index("haproxy -c -q -f /etc/haproxy/haproxy.cfg.new") < create.index("sudo mv")
+    assert create.index("sudo mv") < create.index("systemctl reload haproxy")
+    assert "minitwit-test-primary-haproxy" in _depends_on(stack_run, "minitwit-test-primary-keepalived")
+    assert "minitwit-test-primary-app" in _depends_on(stack_run, "minitwit-test-primary-haproxy")
 
 
 def test_scripts_go_to_a_root_owned_libexec_with_mode_0755(stack_run):
@@ -213,9 +260,10 @@ def _step_triggers(run) -> dict[str, str]:
 
 def test_changing_the_compose_file_changes_only_the_app_steps(tmp_path):
     compose = tmp_path / "compose.yaml"
-    compose.write_text("services:\n  minitwit:\n    image: example/minitwit:1\n")
+    ports = '    ports: ["127.0.0.1:${MTHA_APP_BACKEND_PORT}:5000", "${MTHA_PRIVATE_IPV4}:${MTHA_APP_BACKEND_PORT}:5000"]\n'
+    compose.write_text("services:\n  minitwit:\n    image: example/minitwit:1\n" + ports)
     before = _step_triggers(run_stack(base_config(composeFile=str(compose))))
-    compose.write_text("services:\n  minitwit:\n    image: example/minitwit:2\n")
+    compose.write_text("services:\n  minitwit:\n    image: example/minitwit:2\n" + ports)
     after = _step_triggers(run_stack(base_config(composeFile=str(compose))))
     changed = sorted(name for name in before if before[name] != after[name])
     # The two nodes' app steps, and the readiness gate that re-checks the pair after any change.

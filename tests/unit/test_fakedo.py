@@ -313,6 +313,9 @@ def test_droplet_in_a_pending_move_refuses_another_action_with_droplet_pending(m
     assert r.status == 201  # RIP2 involves no busy droplet
     assert fake.holder(RIP2) is None
     assert fake.wait_for(lambda: action_status(fake, moving.json()["action"]["id"]) == "completed", 5)
+    # RIP2's own unassign (0.3 s too) must be done as well, or RIP2 itself is busy: wait for it by id.
+    unassign_id = r.json()["action"]["id"]
+    assert fake.wait_for(lambda: action_status(fake, unassign_id, ip=RIP2) == "completed", 5)
     assert assign(fake, 101, ip=RIP2).status == 201
 
 

@@ -232,6 +232,27 @@ def test_single_check_modes_run_only_that_check(health: Health, server: HealthSe
     assert proc.returncode == expected, proc.stderr
 
 
+def test_serve_checks_serve_url_and_the_flag_not_the_app_or_its_services(health: Health, server: HealthServer):
+    """keepalived's check with HAProxy in front: the node can serve (HAProxy's monitor) even while
+    its own app and containers are down, because the peer's app answers."""
+    health.write_env(HEALTH_URL="http://127.0.0.1:9/latest", SERVE_URL=server.url)
+    health.stub["DOCKER_STUB_RUNNING"] = ""
+    assert health.run("serve").returncode == 0
+    assert health.docker_calls() == []
+    assert health.run("all").returncode == 1  # the app itself is still reported down
+    server.mode = 503  # HAProxy: no app server UP
+    proc = health.run("serve")
+    assert proc.returncode == 1 and server.url in proc.stderr
+    health.flag.touch()
+    assert health.run("serve").returncode == 3
+
+
+def test_serve_without_serve_url_checks_health_url(health: Health, server: HealthServer):
+    assert health.run("serve").returncode == 0
+    server.mode = 500
+    assert health.run("serve").returncode == 1
+
+
 def test_environment_overrides_the_env_file(health: Health, server: HealthServer):
     health.write_env(HEALTH_URL="http://127.0.0.1:9/latest")
     assert health.run("http", HEALTH_URL=server.url).returncode == 0

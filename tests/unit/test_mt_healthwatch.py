@@ -238,3 +238,11 @@ def test_configuration_error_exits_4(watch: Watch):
     assert watch.proc.wait(timeout=10) == 4
     assert "HEALTH_URL=''" in watch.logged()
     assert watch.value() is None
+
+
+def test_serve_url_is_watched_instead_of_the_app(watch: Watch, server: HealthServer):
+    """With HAProxy in front, the track file follows HAProxy's monitor, not the local app."""
+    watch.start(HEALTH_URL="http://127.0.0.1:9/latest", SERVE_URL=server.url)  # the app itself: down
+    watch.wait_value("0\n")
+    server.mode = 503  # the monitor: no app server UP
+    watch.wait_value("1\n")

@@ -1,4 +1,5 @@
-"""Rendered node files: golden files per role, and the real tools' checks (keepalived -t, nft -c).
+"""Rendered node files: golden files per role, and the real tools' checks (keepalived -t, nft -c,
+haproxy -c).
 
 Golden files live in tests/golden/<role>/; after an intended change, regenerate them with
 `UPDATE_GOLDEN=1 .venv/bin/pytest tests/unit/test_render.py` and review the diff.
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.node import NodeFacts, render_keepalived_conf, render_nftables
+from infra.haproxy import HaproxyFacts
+from infra.node import NodeFacts, render_haproxy_cfg, render_keepalived_conf, render_nftables
 from infra.profiles import PROFILES
 from infra.steps import KEEPALIVED_T_OK
 from tests.conftest import ROOT, base_config, run_stack
@@ -27,13 +29,18 @@ FILES = {
     "nftables.conf": ("firewall", "/etc/nftables.conf"),
     "failover.env": ("failover", "/etc/minitwit-ha/failover.env"),
     "health.env": ("failover", "/etc/minitwit-ha/health.env"),
+    "haproxy.cfg": ("haproxy", "/etc/haproxy/haproxy.cfg.new"),
+    "stack.env": ("app", "/srv/minitwit/stack.env"),
 }
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, dict[str, str]]:
     run = run_stack(base_config())
-    out: dict[str, dict[str, str]] = {}
+    both = run_stack(base_config(serve="both", appCheckPath="/healthz"))
+    out: dict[str, dict[str, str]] = {
+        "both": {"haproxy.cfg": archive_files(both, "minitwit-test-primary-haproxy")["/etc/haproxy/haproxy.cfg.new"][1]},
+    }
     for role in ("primary", "standby"):
         out[role] = {}
         for name, (step, path) in FILES.items():
@@ -41,8 +48,8 @@ def rendered() -> dict[str, dict[str, str]]:
     return out
 
 
-@pytest.mark.parametrize("role", ["primary", "standby"])
-@pytest.mark.parametrize("name", sorted(FILES))
+@pytest.mark.parametrize(("role", "name"), [(r, n) for r in ("primary", "standby") for n in sorted(FILES)]
+                         + [("both", "haproxy.cfg")])
 def test_matches_golden_file(rendered, role, name):
     path = GOLDEN / role / name
     text = rendered[role][name]
@@ -140,3 +147,63 @@ def test_ipv6_admin_cidrs_get_their_own_set():
     rules = render_nftables(facts)
     assert "tcp dport 22 ip6 saddr @admin_v6 accept" in rules and "2001:db8::/32" in rules
     assert "tcp dport { 80, 443, 8080 } accept" in rules
+
+
+@pytest.mark.parametrize("role", ["primary", "standby", "both"])
+def test_rendered_haproxy_cfg_passes_haproxy_c(rendered, role, tmp_path):
+    need(missing_binaries("haproxy"))
+    try:
+        pwd.getpwnam("haproxy")
+    except KeyError:
+        need("needs the system user haproxy, which Debian's haproxy package creates")
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(rendered[role]["haproxy.cfg"])
+    proc = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[WARNING]" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_haproxy_c_catches_a_broken_file(rendered, tmp_path):
+    need(missing_binaries("haproxy"))
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(rendered["primary"]["haproxy.cfg"].replace("retry-on conn-failure", "retry-on conn-failed"))
+    assert subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True).returncode != 0
+
+
+def _haproxy_facts(serve: str = "active-standby", check_path: str = "") -> NodeFacts:
+    return NodeFacts(name="primary", droplet_id=1, private_ip="10.0.0.2", peer_private_ip="10.0.0.3",
+                     reserved_ip="203.0.113.10", priority=150, router_id=51, private_interface="eth1",
+                     admin_cidrs=("198.51.100.0/24",), http_ports=(80, 443), health_url="http://127.0.0.1:5000/x",
+                     haproxy=HaproxyFacts(serve=serve, check_path=check_path))
+
+
+def test_haproxy_never_retries_a_write_that_may_have_reached_an_app():
+    cfg = render_haproxy_cfg(_haproxy_facts())
+    assert "retry-on conn-failure empty-response response-timeout" in cfg
+    assert "http-request disable-l7-retry unless METH_GET" in cfg
+    assert "option http-server-close" in cfg  # no request on a kept-alive connection the app closed
+    assert "option redispatch 1" in cfg and "retries 3" in cfg
+    assert "timeout connect 100ms" in cfg  # the pause before a retry: min(connect, 1 s) must fit in 0.3 s
+
+
+def test_haproxy_serve_modes_and_checks():
+    standby = render_haproxy_cfg(_haproxy_facts())
+    both = render_haproxy_cfg(_haproxy_facts("both", "/healthz"))
+    assert "balance first" in standby and "balance leastconn" not in standby
+    assert "balance leastconn" in both and "balance first" not in both
+    assert "option httpchk" not in standby and "option httpchk GET /healthz" in both
+    with pytest.raises(ValueError, match="serve='hot'"):
+        HaproxyFacts(serve="hot")
+
+
+def test_keepalived_tracks_haproxys_monitor_not_the_app_when_haproxy_fronts_it():
+    conf = render_keepalived_conf(_haproxy_facts())
+    assert 'mt-health serve"' in conf and 'mt-health http"' not in conf
+    assert "chk_services" not in conf  # a dead app container is HAProxy's to absorb, not a failover
+
+
+def test_every_timeout_and_retry_line_says_what_a_client_sees():
+    lines = render_haproxy_cfg(_haproxy_facts()).splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith(("timeout ", "retries", "retry-on", "option redispatch")):
+            assert lines[i - 1].strip().startswith("#"), f"no comment above: {line.strip()}"

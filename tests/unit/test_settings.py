@@ -82,12 +82,20 @@ BAD_INPUTS = [
      "appImage registry.digitalocean.com/team/minitwit is on registryServer"),
     ({"appImage": "ghcr.io/team/minitwit:v1"}, "minitwit-ha:appImage", "tag or digest"),
     ({"appImage": "ghcr.io/Team/MiniTwit"}, "minitwit-ha:appImage", "not an image name"),
-    ({"appPort": 8080}, "minitwit-ha:healthUrl", "asks port 80 but appPort is 8080"),
-    ({"healthUrl": "http://127.0.0.1:8080/latest"}, "minitwit-ha:healthUrl", "set appPort 8080"),
     ({"database": "managed", "databaseNodeCount": 2}, "minitwit-ha:databaseNodeCount", "at least 2 GB"),
     ({"database": "managed", "databaseNodeCount": 3, "databaseSize": "db-amd-1vcpu-1gb"},
      "minitwit-ha:databaseNodeCount", "db-s-1vcpu-2gb"),
     ({"reservedIpTakeover": True}, "minitwit-ha:reservedIpTakeover", "reservedIp is empty"),
+    ({"healthUrl": "http://127.0.0.1:80/latest"}, "minitwit-ha:healthUrl", "HAProxy's public port"),
+    ({"healthUrl": "http://127.0.0.1:6000/latest"}, "minitwit-ha:healthUrl", "not appBackendPort (5000)"),
+    ({"appBackendPort": 80}, "minitwit-ha:appBackendPort", "1024 to 65535"),
+    ({"appBackendPort": "five"}, "minitwit-ha:appBackendPort", "not an integer"),
+    ({"appPort": 5000}, "minitwit-ha:appBackendPort", "is appPort"),
+    ({"appBackendPort": 8404}, "minitwit-ha:appBackendPort", "HAProxy's monitor"),
+    ({"appBackendPort": 8405}, "minitwit-ha:appBackendPort", "Prometheus exporter"),
+    ({"appBackendPort": 9100}, "minitwit-ha:appBackendPort", "node-exporter"),
+    ({"serve": "hot-hot"}, "minitwit-ha:serve", "active-standby"),
+    ({"appCheckPath": "healthz"}, "minitwit-ha:appCheckPath", "absolute URL path"),
     ({"registryServer": "https://ghcr.io"}, "minitwit-ha:registryServer", "registry host"),
     ({"protect": "yes"}, "minitwit-ha:protect", "true or false"),
     ({"failoverProfile": "turbo"}, "minitwit-ha:failoverProfile", "fast, tutorial"),
@@ -128,6 +136,57 @@ def test_compose_file_without_services_or_images(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("services: [unclosed\n")
     assert "not valid YAML" in problems_for(base_config(composeFile=str(broken)))
+
+
+def _compose(tmp_path, ports: str) -> str:
+    path = tmp_path / "compose.yaml"
+    path.write_text(f"services:\n  web:\n    image: example/web:1\n    ports: {ports}\n")
+    return str(path)
+
+
+LOOPBACK = '"127.0.0.1:${MTHA_APP_BACKEND_PORT}:5000"'
+VPC = '"${MTHA_PRIVATE_IPV4}:${MTHA_APP_BACKEND_PORT}:5000"'
+
+
+@pytest.mark.parametrize("ports,advice", [
+    (f'["80:5000", {LOOPBACK}, {VPC}]', "publishes '80:5000' without a host IP"),
+    (f'["5000", {LOOPBACK}, {VPC}]', "publishes '5000' without a host IP"),
+    (f'["0.0.0.0:5000:5000", {LOOPBACK}, {VPC}]', "on 0.0.0.0"),
+    (f'["[::]:5000:5000", {LOOPBACK}, {VPC}]', "on ::"),
+    (f'[{{"target": 5000, "published": 8080}}, {LOOPBACK}, {VPC}]', "without a host IP"),
+    (f"[{LOOPBACK}]", "on ${MTHA_PRIVATE_IPV4}"),
+    (f"[{VPC}]", "on 127.0.0.1"),
+    ('["127.0.0.1:6000:5000", "${MTHA_PRIVATE_IPV4}:6000:5000"]', "appBackendPort (5000)"),
+])
+def test_compose_publishing_beyond_loopback_and_the_vpc_is_refused(tmp_path, ports, advice):
+    message = problems_for(base_config(composeFile=_compose(tmp_path, ports)))
+    line = next(ln for ln in message.splitlines() if "minitwit-ha:composeFile:" in ln and advice in ln)
+    assert "127.0.0.1" in line  # says how to publish instead
+
+
+@pytest.mark.parametrize("ports", [
+    f"[{LOOPBACK}, {VPC}]",
+    '["127.0.0.1:5000:5000", "${MTHA_PRIVATE_IPV4:?set by the stack}:5000:5000/tcp"]',
+    '[{"target": 5000, "published": "5000", "host_ip": "127.0.0.1"}, '
+    '{"target": 5000, "published": "${MTHA_APP_BACKEND_PORT}", "host_ip": "${MTHA_PRIVATE_IPV4}"}]',
+])
+def test_compose_publishing_on_loopback_and_the_vpc_address_loads(tmp_path, ports):
+    assert load(base_config(composeFile=_compose(tmp_path, ports))).compose.services == ("web",)
+
+
+def test_host_networking_is_refused(tmp_path):
+    path = tmp_path / "compose.yaml"
+    path.write_text(f"services:\n  web:\n    image: example/web:1\n    network_mode: host\n"
+                    f"  app:\n    image: example/app:1\n    ports: [{LOOPBACK}, {VPC}]\n")
+    assert "network_mode: host" in problems_for(base_config(composeFile=str(path)))
+
+
+def test_haproxy_settings_have_defaults_and_load():
+    s = load(base_config())
+    assert (s.app_backend_port, s.serve, s.app_check_path) == (5000, "active-standby", "")
+    s = load(base_config(appBackendPort=6000, healthUrl="http://127.0.0.1:6000/latest", serve="both",
+                         appCheckPath="/healthz", composeFile="deploy/compose.yaml"))
+    assert (s.app_backend_port, s.serve, s.app_check_path) == (6000, "both", "/healthz")
 
 
 def test_plaintext_secret_is_refused_without_echoing_it():
@@ -190,12 +249,6 @@ def test_docker_hub_and_registry_hosts_are_told_apart():
     assert image_registry("minitwit") == "docker.io"
     assert image_registry("ghcr.io/team/minitwit") == "ghcr.io"
     assert image_registry("localhost:5000/minitwit") == "localhost:5000"
-
-
-def test_health_url_port_matches_app_port_including_the_scheme_default():
-    s = load(base_config(appPort=8080, healthUrl="http://127.0.0.1:8080/latest"))
-    assert s.app_port == 8080 and s.http_ports == (80, 443, 8080)
-    assert load(base_config(healthUrl="http://localhost/latest")).app_port == 80
 
 
 def test_a_standby_database_node_on_a_2gb_plan_is_fine():

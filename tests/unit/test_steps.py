@@ -16,10 +16,12 @@ import pytest
 
 from infra import steps
 from infra.database import grants_command
+from infra.haproxy import HaproxyFacts
 from infra.node import (
     STEP_APP,
     STEP_FAILOVER,
     STEP_FIREWALL,
+    STEP_HAPROXY,
     STEP_KEEPALIVED,
     NodeFacts,
     NodePaths,
@@ -36,6 +38,9 @@ STUBS = {
     "systemd-tmpfiles": '#!/bin/sh\necho "systemd-tmpfiles $*" >> "$STUB_LOG"\n',
     "nft": '#!/bin/sh\necho "nft $*" >> "$STUB_LOG"\n',
     "docker": '#!/bin/sh\necho "docker $*" >> "$STUB_LOG"\n',
+    # haproxy -c: refuses a file with BROKEN in it, like a real syntax error.
+    "haproxy": '#!/bin/bash\necho "haproxy $*" >> "$STUB_LOG"\n'
+               'if grep -q BROKEN "${@: -1}"; then echo "[ALERT] unknown keyword \'BROKEN\'" >&2; exit 1; fi\n',
     # keepalived 2.2.7's -t: warnings on stderr, then it kills itself with SIGTERM (exit 143).
     "keepalived": '#!/bin/bash\necho "keepalived $*" >> "$STUB_LOG"\n'
                   'grep -q BROKEN "${@: -1}" && echo "(${@: -1}: Line 1) Unknown keyword \'BROKEN\'" >&2\n'
@@ -56,8 +61,8 @@ def node(tmp_path: Path):
     paths = NodePaths(root=str(root))
     facts = NodeFacts(name="primary", droplet_id=1, private_ip="10.110.16.3", peer_private_ip="10.110.16.4",
                       reserved_ip="203.0.113.10", priority=150, router_id=51, private_interface="eth1",
-                      admin_cidrs=("198.51.100.0/24",), http_ports=(80, 443), health_url="http://127.0.0.1/latest",
-                      paths=paths)
+                      admin_cidrs=("198.51.100.0/24",), http_ports=(80, 443), health_url="http://127.0.0.1:5000/latest",
+                      paths=paths, haproxy=HaproxyFacts())
     files = render_node_files(facts, compose_text="services:\n  minitwit:\n    image: example/minitwit:1\n")
     log = tmp_path / "stub.log"
     log.touch()
@@ -112,7 +117,7 @@ def test_secret_file_is_0600_root_from_stdin_and_never_in_the_command(node):
 
 def test_keepalived_step_checks_then_replaces_then_reloads(node):
     files = files_for_step(node.files, STEP_KEEPALIVED)
-    archive = steps.archive_b64(files, steps.keepalived_staging_path(node.paths))
+    archive = steps.archive_b64(files, steps.staging_path(node.paths.keepalived_conf))
     proc = node.run(steps.keepalived_command(node.paths), archive, KEEPALIVED_ACTIVE="yes")
     assert proc.returncode == 0, proc.stderr
     assert Path(node.paths.keepalived_conf).read_text() == files[0].content
@@ -125,22 +130,27 @@ def test_keepalived_step_checks_then_replaces_then_reloads(node):
 def test_keepalived_step_starts_keepalived_when_it_is_not_running(node):
     files = files_for_step(node.files, STEP_KEEPALIVED)
     proc = node.run(steps.keepalived_command(node.paths),
-                    steps.archive_b64(files, steps.keepalived_staging_path(node.paths)), KEEPALIVED_ACTIVE="no")
+                    steps.archive_b64(files, steps.staging_path(node.paths.keepalived_conf)), KEEPALIVED_ACTIVE="no")
     assert proc.returncode == 0, proc.stderr
     assert "systemctl enable --now keepalived" in node.calls()
 
 
-def test_a_config_keepalived_warns_about_is_never_installed(node):
-    good = files_for_step(node.files, STEP_KEEPALIVED)[0]
-    Path(node.paths.keepalived_conf).parent.mkdir(parents=True, exist_ok=True)
-    Path(node.paths.keepalived_conf).write_text("# the running configuration\n")
+@pytest.mark.parametrize(("step", "conf", "command", "message"), [
+    (STEP_KEEPALIVED, "keepalived_conf", steps.keepalived_command, "keepalived -t rejected"),
+    (STEP_HAPROXY, "haproxy_cfg", steps.haproxy_command, "haproxy -c rejected"),
+])
+def test_a_config_the_daemons_check_rejects_is_never_installed(node, step, conf, command, message):
+    good = files_for_step(node.files, step)[0]
+    live = Path(getattr(node.paths, conf))
+    live.parent.mkdir(parents=True, exist_ok=True)
+    live.write_text("# the running configuration\n")
     broken = [type(good)(good.path, good.mode, good.content + "\nBROKEN\n", good.step)]
-    proc = node.run(steps.keepalived_command(node.paths),
-                    steps.archive_b64(broken, steps.keepalived_staging_path(node.paths)), KEEPALIVED_ACTIVE="yes")
+    proc = node.run(command(node.paths), steps.archive_b64(broken, steps.staging_path(str(live))),
+                    KEEPALIVED_ACTIVE="yes")
     assert proc.returncode == 1
-    assert "keepalived -t rejected the rendered configuration" in proc.stderr and "BROKEN" in proc.stderr
-    assert Path(node.paths.keepalived_conf).read_text() == "# the running configuration\n"
-    assert not Path(node.paths.keepalived_conf + ".new").exists()
+    assert f"{message} the rendered configuration" in proc.stderr and "BROKEN" in proc.stderr
+    assert live.read_text() == "# the running configuration\n"
+    assert not Path(f"{live}.new").exists()
     assert not [c for c in node.calls() if c.startswith("systemctl reload")]
 
 
@@ -175,7 +185,7 @@ def test_app_step_pulls_starts_and_waits_for_health_bounded(node):
     calls = node.calls()
     assert calls[0].startswith("docker compose -p minitwit -f") and calls[0].endswith("pull --quiet")
     assert calls[1].endswith("up -d --remove-orphans")
-    assert Path(node.paths.compose_file).read_text() == files[0].content
+    assert Path(node.paths.compose_file).read_text() == next(f for f in files if f.path.endswith("compose.yaml")).content
     health.write_text('#!/bin/sh\nexit 0\n')
     assert node.run(command, steps.archive_b64(files)).returncode == 0
 
@@ -197,11 +207,39 @@ def test_app_step_merges_the_image_into_dotenv_and_keeps_the_rollouts_version(no
         proc = node.run(command, steps.archive_b64(files))
         assert proc.returncode == 0, proc.stderr
         values = [ln for ln in dotenv.read_text().splitlines() if not ln.startswith("#")]
-        assert values == ["MINITWIT_IMAGE=ghcr.io/team/minitwit", "MINITWIT_VERSION=v7", "EXTRA=kept"]
+        assert values == ["MINITWIT_IMAGE=ghcr.io/team/minitwit", "MTHA_PRIVATE_IPV4=10.110.16.3",
+                          "MTHA_APP_BACKEND_PORT=5000", "MINITWIT_VERSION=v7", "EXTRA=kept"]
         assert mode(dotenv) == 0o644 and os.stat(dotenv).st_uid == 0
     dotenv.unlink()  # a fresh node: no .env yet
     assert node.run(command, steps.archive_b64(files)).returncode == 0
     assert "MINITWIT_IMAGE=ghcr.io/team/minitwit" in dotenv.read_text().splitlines()
+
+
+def test_app_step_sets_the_stack_variables_in_compose_env_and_keeps_the_version(node):
+    dotenv = Path(node.paths.compose_dotenv)
+    dotenv.parent.mkdir(parents=True, exist_ok=True)
+    dotenv.write_text("MINITWIT_VERSION=v7\nMTHA_PRIVATE_IPV4=10.0.0.99\nOTHER=kept\n")  # a stale address
+    health = Path(node.paths.script("mt-health"))
+    health.parent.mkdir(parents=True, exist_ok=True)
+    health.write_text("#!/bin/sh\nexit 0\n")
+    health.chmod(0o755)
+    proc = node.run(steps.app_command(node.paths, "minitwit"), steps.archive_b64(files_for_step(node.files, STEP_APP)))
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in dotenv.read_text().splitlines() if not ln.startswith("#")]
+    assert sorted(lines) == sorted(["MINITWIT_VERSION=v7", "OTHER=kept", "MTHA_PRIVATE_IPV4=10.110.16.3",
+                                    "MTHA_APP_BACKEND_PORT=5000"])
+    assert mode(dotenv) == 0o644 and os.stat(dotenv).st_uid == 0
+
+
+def test_haproxy_step_checks_then_replaces_then_reloads(node):
+    files = files_for_step(node.files, STEP_HAPROXY)
+    archive = steps.archive_b64(files, steps.staging_path(node.paths.haproxy_cfg))
+    proc = node.run(steps.haproxy_command(node.paths), archive, KEEPALIVED_ACTIVE="yes")  # the stub: "active"
+    assert proc.returncode == 0, proc.stderr
+    assert Path(node.paths.haproxy_cfg).read_text() == files[0].content
+    assert not Path(node.paths.haproxy_cfg + ".new").exists()
+    calls = node.calls()
+    assert calls.index(f"haproxy -c -q -f {node.paths.haproxy_cfg}.new") < calls.index("systemctl reload haproxy")
 
 
 def test_the_step_scripts_are_shellcheck_clean(tmp_path):
@@ -213,6 +251,7 @@ def test_the_step_scripts_are_shellcheck_clean(tmp_path):
         "wait": steps.wait_command(), "secret": steps.secret_file_command(paths.token_file),
         "failover": steps.failover_command(paths), "firewall": steps.firewall_command(paths, ("198.51.100.0/24",)),
         "keepalived": steps.keepalived_command(paths), "app": steps.app_command(paths, "minitwit"),
+        "haproxy": steps.haproxy_command(paths),
         "registry": steps.registry_login_command("registry.digitalocean.com", "ci"),
         "db-grants": grants_command("private-db.example.invalid", 25060, "doadmin"),
     }.items():
