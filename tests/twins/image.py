@@ -41,6 +41,8 @@ CLOUD_CFG = """\
 # network is configured from outside (the twin's namespace), so cloud-init leaves it alone.
 datasource_list: [NoCloud, None]
 network: {config: disabled}
+# As on a droplet: the hostname resolves (sudo asks), from cloud-init's hosts template.
+manage_etc_hosts: true
 """
 
 
@@ -55,6 +57,7 @@ class Recipe:
     security_mirror: str
     packages: tuple[str, ...]
     files: tuple[tuple[str, str], ...]
+    commands: tuple[tuple[str, ...], ...]  # run in the image after the files are written
 
     @property
     def digest(self) -> str:
@@ -100,8 +103,10 @@ def recipe(sources_dir: Path = Path("/etc/apt")) -> Recipe:
         # Not this machine's resolver (debootstrap copies it): the lab has no DNS; the few names a
         # twin needs are in its /etc/hosts.
         ("/etc/resolv.conf", "# minitwit-ha twins: no DNS in the lab; see /etc/hosts\n"),
+        # cloud-init sets LANG=en_US.UTF-8 (its locale module) and fails when it is not generated.
+        ("/etc/locale.gen", "en_US.UTF-8 UTF-8\n"),
     )
-    return Recipe(SUITE, mirror, security, PACKAGES, files)
+    return Recipe(SUITE, mirror, security, PACKAGES, files, (("locale-gen",),))
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,8 @@ def ensure_image(rcp: Recipe | None = None, cache: Path = CACHE, log=print) -> I
             target = work / path.lstrip("/")
             target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             target.write_text(content)
+        for argv in rcp.commands:
+            _step(["chroot", str(work), *argv], " ".join(argv), env=env)
         # The package cache is rebuilt by the first `apt-get update` on a twin, as on a droplet.
         shutil.rmtree(work / "var" / "cache" / "apt" / "archives", ignore_errors=True)
         (work / "var" / "cache" / "apt" / "archives" / "partial").mkdir(parents=True, exist_ok=True)

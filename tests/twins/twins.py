@@ -128,7 +128,8 @@ class Twins:
                                       "PYTHONPATH": str(REPO)},
                                  start_new_session=True)
         time.sleep(0.05)
-        self.state.setdefault("processes", {})[key] = {"pid": p.pid, "starttime": _starttime(p.pid)}
+        self.state.setdefault("processes", {})[key] = {"pid": p.pid, "starttime": _starttime(p.pid),
+                                                        "spawned": time.time()}
         self._save()
         return p.pid
 
@@ -285,13 +286,11 @@ class Twins:
         _write(seed / "meta-data", (f"instance-id: {droplet_id}\nlocal-hostname: minitwit-twins-{node}\n"
                                     f"public-keys:\n  - {self.public_key}\n"), 0o644)
         _write(seed / "user-data", user_data, 0o644)
-        # Stand-ins, in the twin's upper layer only: the internet hosts the twin reaches are the edge.
-        hosts = (merged / "etc" / "hosts").read_text() if (merged / "etc" / "hosts").exists() else ""
-        hosts += f"\n# minitwit-ha twins: the lab's edge stands in for these hosts\n{EDGE_ADDR} " \
-                 f"{' '.join(self.state['edge']['hosts'])}\n"
-        _write(merged / "etc" / "hosts", hosts, 0o644)
-        _write(merged / "etc" / "cloud" / "cloud.cfg.d" / "91-minitwit-twin-hosts.cfg",
-               "# minitwit-ha twins: keep the edge's /etc/hosts entries\nmanage_etc_hosts: false\n", 0o644)
+        # Stand-ins, in the twin's upper layer only: the internet hosts the twin reaches are the
+        # edge. cloud-init renders /etc/hosts from this template (manage_etc_hosts, as on a droplet).
+        tmpl = merged / "etc" / "cloud" / "templates" / "hosts.debian.tmpl"
+        _write(tmpl, tmpl.read_text() + f"\n# minitwit-ha twins: the lab's edge stands in for these hosts\n"
+               f"{EDGE_ADDR} {' '.join(self.state['edge']['hosts'])}\n", 0o644)
         ca = Path(self.state["edge"]["ca"]).read_text()
         _write(merged / "usr" / "local" / "share" / "ca-certificates" / "minitwit-twins-lab.crt", ca, 0o644)
         bundle = merged / "etc" / "ssl" / "certs" / "ca-certificates.crt"
@@ -330,6 +329,7 @@ class Twins:
     def _wait_booted(self, node: str, timeout: float = 300) -> float:
         start = self.state["processes"][f"{node}-nspawn"]
         begin = time.monotonic()
+        spawned = start["spawned"]
         state = "unknown"
         while time.monotonic() - begin < timeout:
             if not self._alive(f"{node}-nspawn"):
@@ -342,7 +342,7 @@ class Twins:
         else:
             raise LabError(f"twin {node} did not finish booting within {timeout:.0f}s (last state: {state}); "
                            f"see {self.log(f'{node}-nspawn')}")
-        seconds = time.monotonic() - begin
+        seconds = time.time() - spawned  # from nspawn's start, though the twins boot in parallel
         failed = []
         if state == "degraded":
             failed = self.machine(node, "systemctl", "--failed", "--plain", "--no-legend").stdout.split("\n")
