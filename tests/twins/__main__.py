@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -102,7 +103,7 @@ def run(report_path: Path, keep: bool) -> int:
         report["failed"] = {**result_dict(exc.result), "output": exc.result.output[-4000:]}
         print(f"twins: {exc}", file=sys.stderr)
         return 1
-    except LabError as exc:
+    except (LabError, OSError, subprocess.SubprocessError) as exc:
         report["failed"] = {"error": str(exc)}
         print(f"twins: {exc}", file=sys.stderr)
         return 1

@@ -110,11 +110,16 @@ def build_repo(root: Path, url_path: str) -> Path:
     (dist / "Release").write_text(
         f"Origin: minitwit-ha twins\nLabel: Docker stand-in\nSuite: {SUITE}\nCodename: {SUITE}\n"
         f"Architectures: {ARCH}\nComponents: {COMPONENT}\nDate: {date}\nSHA256:\n" + "\n".join(sums) + "\n")
-    gnupg = root / "gnupg"
-    gnupg.mkdir(mode=0o700, exist_ok=True)
-    env = {**os.environ, "GNUPGHOME": str(gnupg)}
-    _run("gpg", "--batch", "--passphrase", "", "--quick-gen-key", "minitwit-ha twins <twins@example.invalid>",
-         "ed25519", "sign", "2d", env=env)
-    _run("gpg", "--batch", "--yes", "--clearsign", "-o", str(dist / "InRelease"), str(dist / "Release"), env=env)
-    (base / "gpg").write_text(_run("gpg", "--armor", "--export", env=env).stdout)
+    # A throwaway signing key in a temporary keyring (never under the served directory); its
+    # agent is stopped before the keyring goes.
+    with tempfile.TemporaryDirectory() as gnupg:
+        env = {**os.environ, "GNUPGHOME": gnupg}
+        try:
+            _run("gpg", "--batch", "--passphrase", "", "--quick-gen-key",
+                 "minitwit-ha twins <twins@example.invalid>", "ed25519", "sign", "2d", env=env)
+            _run("gpg", "--batch", "--yes", "--clearsign", "-o", str(dist / "InRelease"), str(dist / "Release"),
+                 env=env)
+            (base / "gpg").write_text(_run("gpg", "--armor", "--export", env=env).stdout)
+        finally:
+            subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, capture_output=True, check=False)
     return base

@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 CLONE_NEWNET = 0x40000000
 CHUNK = 1 << 16
@@ -85,7 +86,7 @@ def make_handler(cfg: dict):
                     shutil.copyfileobj(fh, self.wfile, CHUNK)
 
         def _static(self, head: bool) -> None:
-            path = (repo_root / self.path.split("?")[0].lstrip("/")).resolve()
+            path = (repo_root / unquote(self.path.split("?")[0]).lstrip("/")).resolve()
             if not path.is_relative_to(repo_root) or not path.is_file():
                 return self.send_error(404)
             self._send_file(path, head)
