@@ -11,10 +11,11 @@ PROFILE ?= fast
 RUNS    ?= 3
 API     ?= realistic
 # Debian packages the lab and the tests use (installed by `make setup-lab` when run as root).
-LAB_PACKAGES := keepalived nftables iproute2 postgresql shellcheck openssh-server openssh-client sudo pgloader sqlite3 curl python3-venv
+LAB_PACKAGES := keepalived nftables iproute2 postgresql shellcheck openssh-server openssh-client sudo pgloader sqlite3 curl python3-venv \
+  haproxy prometheus debootstrap systemd-container openssl gnupg
 SHELL_SCRIPTS := $(wildcard scripts/mt-health scripts/*.sh scripts/ci/* .ci/run tests/lab/bin/*)
 
-.PHONY: help setup setup-lab lint test test-fast test-integration plan demo drill lab-down clean
+.PHONY: help setup setup-lab lint test test-fast test-integration plan demo drill twins lab-down clean
 
 help:  ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -62,9 +63,12 @@ demo: setup-lab setup  ## the pair failing over in the lab on this machine (root
 drill: setup-lab setup  ## failover drill (PROFILE=fast|tutorial, RUNS=3, API=realistic|ideal): drill-report.json/.html
 	$(PY) -m tests.lab drill --profile $(PROFILE) --runs $(RUNS) --api $(API) --report drill-report.json
 
+twins: setup-lab setup  ## the stack's commands on booted Debian 12 twins, applied 3 times: twin-report.json (root)
+	$(PY) -m tests.twins run --report twin-report.json
+
 lab-down:  ## tear the lab down if a run was interrupted
 	$(PY) -m tests.lab down
 
 clean:  ## remove caches and reports (keeps .venv)
-	rm -rf .pytest_cache .ruff_cache plan drill-report*
+	rm -rf .pytest_cache .ruff_cache plan drill-report* twin-report.json
 	find . -name __pycache__ -prune -exec rm -rf {} +
