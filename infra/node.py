@@ -375,7 +375,7 @@ def render_failover_env(facts: NodeFacts) -> str:
         "PEER_PUBLIC_IP": facts.peer_public_ip,
         "PEER_PORT": str(facts.http_ports[0]),
         "PEER_HEALTH_PATH": urlsplit(facts.health_url).path or "/",
-        "PROBE_CONNECT_TIMEOUT_S": "0.2",   # a live peer on the VPC answers a SYN in well under 1 ms
+        "PROBE_CONNECT_TIMEOUT_S": "0.05",  # a live peer on the VPC answers a SYN in well under 1 ms
         "PROBE_RESPONSE_TIMEOUT_S": "1.5",  # connected but silent this long: its processes are gone
         "PROBE_SLOW_S": "0.15",             # an answer slower than this came after a stall
         "STALL_GRACE_S": "0.8",             # time for a peer back from a stall to reclaim MASTER

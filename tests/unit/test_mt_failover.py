@@ -180,6 +180,21 @@ def posts(fake: FakeDO) -> list[dict]:
     return [r for r in fake.requests() if r["method"] == "POST" and r["path"] == ACTIONS_PATH]
 
 
+def accepted_posts(fake: FakeDO) -> list[dict]:
+    """Assign POSTs the API accepted (201: an action started). A takeover POSTs before it reads
+    the holder, so a POST the API refused (422 already assigned, 401, 404) moved nothing."""
+    return [r for r in posts(fake) if r["status"] == 201]
+
+
+def takeover(node, match: str):  # noqa: ANN001, ANN201
+    """The command whose requests `match` faults: a takeover (notify) POSTs first, so a fault on the
+    GET of the holder is met by the operator's `assign` (which reads the holder first)."""
+    if match == "get":
+        node.force_state("MASTER")
+        return node.run("assign")
+    return node.notify("MASTER")
+
+
 def api_requests(fake: FakeDO) -> list[dict]:
     return [r for r in fake.requests() if r["path"].startswith("/v2/")]
 
@@ -218,10 +233,19 @@ def test_master_assigns_with_one_post_then_polls(node: Node, fake: FakeDO):
 
 def test_already_assigned_makes_no_post(node: Node, fake: FakeDO):
     fake.set_holder(IP, ME, run_hook=False)
-    proc = node.notify("MASTER")
+    node.force_state("MASTER")
+    proc = node.run("assign")  # the operator's assign reads the holder first: no POST at all
     assert proc.returncode == 0, proc.stderr
     assert "already assigned" in proc.stderr
     assert posts(fake) == []
+
+
+def test_a_takeover_of_an_ip_already_here_starts_no_action(node: Node, fake: FakeDO):
+    fake.set_holder(IP, ME, run_hook=False)
+    proc = node.notify("MASTER")  # POSTs first (one round trip less per failover): the API says 422
+    assert proc.returncode == 0, proc.stderr
+    assert "already assigned" in proc.stderr
+    assert len(posts(fake)) == 1 and accepted_posts(fake) == [] and fake.moves() == []
 
 
 def test_non_master_states_only_record(node: Node, fake: FakeDO):
@@ -292,7 +316,7 @@ def test_timeout_is_retried(node: Node, fake: FakeDO, match: str):
     node.write_env(HTTP_TIMEOUT_S="0.3")
     fake.inject("timeout", count=1, match=match, hang_s=5)
     started = time.monotonic()
-    proc = node.notify("MASTER")
+    proc = takeover(node, match)
     assert proc.returncode == 0, proc.stderr
     assert fake.holder(IP) == ME
     assert "no answer within 0.3 s" in proc.stderr
@@ -303,7 +327,7 @@ def test_timeout_is_retried(node: Node, fake: FakeDO, match: str):
                                              ("html", "action")])
 def test_unexpected_bodies_are_retried(node: Node, fake: FakeDO, kind: str, match: str):
     fake.inject(kind, count=2, match=match)
-    proc = node.notify("MASTER")
+    proc = takeover(node, match)
     assert proc.returncode == 0, proc.stderr
     assert fake.holder(IP) == ME
     assert "not JSON" in proc.stderr or "no action object" in proc.stderr
@@ -375,7 +399,7 @@ def test_rejected_token_exits_4_at_once(node: Node, fake: FakeDO):
     line = last_line(proc.stderr)
     assert f"token rejected: check {node.token_file} (needs reserved_ip:update)" in line
     assert len(api_requests(fake)) == 1, "a 401 must not be retried"
-    assert posts(fake) == []
+    assert accepted_posts(fake) == []
 
 
 def test_unknown_reserved_ip_exits_4_without_assigning(node: Node, fake: FakeDO):
@@ -384,7 +408,7 @@ def test_unknown_reserved_ip_exits_4_without_assigning(node: Node, fake: FakeDO)
     assert proc.returncode == 4, proc.stderr
     assert "reserved IP 203.0.113.99 not found in this account" in proc.stderr
     assert "check RESERVED_IP" in proc.stderr
-    assert [r for r in fake.requests() if r["method"] == "POST"] == []
+    assert accepted_posts(fake) == []
 
 
 # -- leaving MASTER aborts ------------------------------------------------------------------------
@@ -438,7 +462,7 @@ def test_concurrent_notifies_post_once(node: Node, fake: FakeDO):
         for p in procs:
             p.kill()
     assert [code for code, _, _ in results] == [0, 0], results
-    assert len(posts(fake)) == 1, "the lock must serialise assigns: the second finds the IP here"
+    assert len(accepted_posts(fake)) == 1, "the lock must serialise assigns: the second finds the IP here"
     assert fake.holder(IP) == ME
     assert any("already assigned" in err for _, _, err in results)
 
