@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from infra.haproxy import SERVE_MODES
 from tests.lab.lab import API_PRESETS, FAULT_KINDS, NODES, Lab, LabError
 
 
@@ -20,10 +21,13 @@ def add_api_options(parser: argparse.ArgumentParser) -> None:
                              "request) or ideal (instant)")
     parser.add_argument("--api-action-s", type=float, help="seconds an assign action stays in-progress")
     parser.add_argument("--api-latency-s", type=float, help="seconds added to every API request")
+    parser.add_argument("--serve", default="active-standby", choices=SERVE_MODES,
+                        help="HAProxy: the local app first (active-standby, default) or both apps balanced")
 
 
 def api_kwargs(args: argparse.Namespace) -> dict:
-    return {"api": args.api, "api_action_s": args.api_action_s, "api_latency_s": args.api_latency_s}
+    return {"api": args.api, "api_action_s": args.api_action_s, "api_latency_s": args.api_latency_s,
+            "serve": args.serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,9 @@ def drill_report(request, tmp_path_factory):
                    env={"LAB_TOKEN": SENTINEL_TOKEN, "LAB_DB_PASSWORD": SENTINEL_DB_PASSWORD})
     assert path.exists(), f"drill wrote no report (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     data = json.loads(path.read_text())
-    data.update(_stdout=proc.stdout, _stderr=proc.stderr, _raw=path.read_text(), _returncode=proc.returncode)
+    html = path.with_suffix(".html")
+    data.update(_stdout=proc.stdout, _stderr=proc.stderr, _raw=path.read_text(), _returncode=proc.returncode,
+                _html=html.read_text() if html.exists() else None)
     return data
 
 

@@ -26,6 +26,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,8 +36,11 @@ from tests.lab import traffic
 from tests.lab.lab import LAB_ROOT, NODES, RESERVED_IP, Lab, LabError, wait_for
 
 SCENARIOS = ("app-crash", "keepalived-stop", "node-down", "split-brain", "api-flaky", "restart-both",
-             "vpc-partition", "node-freeze", "db-outage")
-FAULT_OF = {"app-crash": "app", "keepalived-stop": "keepalived", "node-down": "link", "api-flaky": "app"}
+             "vpc-partition", "node-freeze", "db-outage", "haproxy-crash")
+# The fault each failover scenario injects on the active node. api-flaky: the node stops serving
+# (HAProxy dies) while the API answers 500, 429 and 422 to the first assigns.
+FAULT_OF = {"app-crash": "app", "keepalived-stop": "keepalived", "node-down": "link", "api-flaky": "haproxy",
+            "haproxy-crash": "haproxy"}
 CUT_S = 10.0             # split-brain / vpc-partition: how long the VPC between the nodes is cut
 FREEZE_S = 1.0           # node-freeze: how long every process of the active node is stopped
 DB_OUTAGE_S = 10.0       # db-outage: how long the shared database refuses connections
@@ -52,7 +56,10 @@ def limits_for(name: str, action_s: float) -> dict[str, float]:
     `detection_s` (median, at most)."""
     fail_over = action_s + 1.5   # detection (~0.7 s) + the API's requests (2 x 0.3 s) + the action
     return {
-        "app-crash": {"failover_s": fail_over, "ip_moves": 1},
+        # HAProxy answers from the peer's app: nothing fails and the IP stays where it is.
+        "app-crash": {"failed": 0, "ip_moves": 0},
+        # The node cannot serve at all: the IP moves once, failures bounded like node-down.
+        "haproxy-crash": {"failover_s": fail_over, "ip_moves": 1},
         # The stopped node still serves until the move completes: nothing may fail.
         "keepalived-stop": {"ip_moves": 1, "failed": 0},
         "node-down": {"failover_s": fail_over, "ip_moves": 1, "detection_s": 2.0},
@@ -229,9 +236,9 @@ def run_once(lab: Lab, scenario: str, workdir: Path, index: int) -> RunResult:
                 failover_s = first_answer_by(gen.records(), other, t_fault) - t_fault
             time.sleep(1.0)
             t_heal = marks("heal", f"heal {active}", active)
-            lab.heal(active, "api" if scenario == "api-flaky" else FAULT_OF[scenario])
+            lab.heal(active, FAULT_OF[scenario])
             if scenario == "api-flaky":
-                lab.heal(active, "app")
+                lab.heal(active, "api")
         elif scenario in ("split-brain", "vpc-partition"):
             t_fault = marks("fault", f"VPC cut for {CUT_S:g} s")
             lab.fault(active, "vpc")
@@ -245,8 +252,13 @@ def run_once(lab: Lab, scenario: str, workdir: Path, index: int) -> RunResult:
             else:
                 time.sleep(3.0)
         elif scenario == "restart-both":
-            for node in NODES:
-                lab.fault(node, "keepalived")
+            # Both at once, as a package upgrade on both nodes would: one stopping first would be a
+            # plain keepalived-stop failover of its own.
+            stoppers = [threading.Thread(target=lab.fault, args=(node, "keepalived")) for node in NODES]
+            for th in stoppers:
+                th.start()
+            for th in stoppers:
+                th.join()
             t_fault = t_heal = marks("fault", "keepalived restarted on both nodes")
             for node in NODES:
                 lab.heal(node, "keepalived")
@@ -299,7 +311,8 @@ def run_once(lab: Lab, scenario: str, workdir: Path, index: int) -> RunResult:
         failover_s=failover_s, requests=len(window), failed=len(failed),
         holder_after=lab.holder(), single_master=masters_ok,
         rows_lost=rows_lost(lab, window), ip_moves=len(moves),
-        ip_moves_after_heal=len([m for m in moves if t_heal is not None and m["t"] > t_heal]),
+        # A move asked for after the heal: the pair moved the IP once the fault was gone.
+        ip_moves_after_heal=len([m for m in moves if t_heal is not None and m["requested"] > t_heal]),
         failed_outside_fault=len(outside) if fault_window else len(failed),
         detection_s=detection_s, action_s=action_s, notes=notes,
         timeline={"scenario": scenario, "run": index, "t0": t0, "t1": t1, "records": window,
@@ -399,7 +412,7 @@ def run_extra(lab: Lab, name: str, workdir: Path) -> tuple[dict, list[dict]]:
 def run_drill(profile: str = "fast", runs: int = 3, only: list[str] | None = None, steady_s: float = 0.0,
               lab: Lab | None = None, evidence: Path | None = None, api: str = "realistic",
               api_action_s: float | None = None, api_latency_s: float | None = None,
-              timelines: list[dict] | None = None) -> dict:
+              timelines: list[dict] | None = None, serve: str = "active-standby") -> dict:
     """Bring the lab up (unless given one), run the scenarios, tear down, return the report.
 
     When anything fails and `evidence` is given, the lab's logs, traffic records and node state
@@ -414,11 +427,11 @@ def run_drill(profile: str = "fast", runs: int = 3, only: list[str] | None = Non
     own = lab is None
     lab = lab or Lab()
     if own:
-        lab.up(profile=profile, api=api, api_action_s=api_action_s, api_latency_s=api_latency_s)
+        lab.up(profile=profile, api=api, api_action_s=api_action_s, api_latency_s=api_latency_s, serve=serve)
     timing = lab.api_timing
     workdir = LAB_ROOT / "drill"
     workdir.mkdir(mode=0o755, exist_ok=True)
-    report = {"keepalived": keepalived_version(), "profile": profile, "api": timing["preset"],
+    report = {"keepalived": keepalived_version(), "profile": profile, "serve": lab.serve, "api": timing["preset"],
               "api_action_s": timing["action_s"], "api_latency_s": timing["latency_s"],
               "client_timeout_s": CLIENT_TIMEOUT_S, "rate_rps": RATE, "runs": runs, "scenarios": []}
     timelines = timelines if timelines is not None else []
@@ -532,10 +545,10 @@ def write_outputs(result: dict, timelines: list[dict], report: str) -> None:
 
 def main_drill(profile: str, runs: int, report: str, only: list[str] | None, steady_s: float,
                api: str = "realistic", api_action_s: float | None = None,
-               api_latency_s: float | None = None) -> int:
+               api_latency_s: float | None = None, serve: str = "active-standby") -> int:
     print(f"drill: profile {profile}, API {api}, {runs} run(s) per scenario ...", file=sys.stderr)
     timelines: list[dict] = []
-    result = run_drill(profile=profile, runs=runs, only=only, steady_s=steady_s, api=api,
+    result = run_drill(profile=profile, runs=runs, only=only, steady_s=steady_s, api=api, serve=serve,
                        api_action_s=api_action_s, api_latency_s=api_latency_s, timelines=timelines,
                        evidence=Path(report).with_name(Path(report).stem + "-evidence"))
     print(table(result))
@@ -550,11 +563,12 @@ def main_drill(profile: str, runs: int, report: str, only: list[str] | None, ste
 
 
 def main_demo(profile: str = "fast", api: str = "realistic", api_action_s: float | None = None,
-              api_latency_s: float | None = None, report: str = "drill-report.json") -> int:
+              api_latency_s: float | None = None, report: str = "drill-report.json",
+              serve: str = "active-standby") -> int:
     print("demo: building the lab (namespaces, PostgreSQL, fake DigitalOcean API, two keepalived nodes) ...",
           file=sys.stderr)
     lab = Lab()
-    lab.up(profile=profile, api=api, api_action_s=api_action_s, api_latency_s=api_latency_s)
+    lab.up(profile=profile, api=api, api_action_s=api_action_s, api_latency_s=api_latency_s, serve=serve)
     timelines: list[dict] = []
     try:
         lab.wait_pair_ready(timeout=30)  # both nodes settled: one MASTER serving, the other BACKUP

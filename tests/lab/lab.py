@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.haproxy import SERVE_MODES, HaproxyFacts
 from infra.node import NodeFacts, NodePaths, render_node_files
 from infra.profiles import PROFILES
 from tests.support.pg import PgServer, missing_requirements
@@ -52,8 +53,9 @@ DROPLET_ID = {"primary": 410000001, "standby": 410000002}
 PRIORITY = {"primary": 150, "standby": 100}
 ROUTER_ID = 51
 SCRIPT_USER = "nobody"  # exists on every Debian machine; droplets use keepalived_script
-HEALTH_URL = "http://127.0.0.1:80/latest"
-BINARIES = ("ip", "nft", "keepalived", "curl", "runuser", "setpriv", "sshd", "ssh", "ssh-keygen", "sudo", "visudo")
+BACKEND_PORT = 5000  # the app behind each node's HAProxy (appBackendPort)
+HEALTH_URL = f"http://127.0.0.1:{BACKEND_PORT}/latest"
+BINARIES = ("ip", "nft", "keepalived", "haproxy", "curl", "runuser", "setpriv", "sshd", "ssh", "ssh-keygen", "sudo", "visudo")
 DEPLOY_USER = "deploy"
 EDGE_TABLE = "mtha_edge"
 DB_CUT_TABLE = "mtha_dbcut"
@@ -64,7 +66,7 @@ DB_CUT_TABLE = "mtha_dbcut"
 API_PRESETS = {"ideal": (0.0, 0.0), "realistic": (5.0, 0.3)}
 
 
-FAULT_KINDS = ("app", "keepalived", "link", "vpc", "api", "freeze", "db")
+FAULT_KINDS = ("app", "haproxy", "keepalived", "link", "vpc", "api", "freeze", "db")
 
 
 class LabError(RuntimeError):
@@ -203,8 +205,10 @@ class Lab:
 
     # -- up -------------------------------------------------------------------------------------
     def up(self, profile: str = "fast", wait: bool = True, api: str = "realistic",
-           api_action_s: float | None = None, api_latency_s: float | None = None) -> None:
-        """Build the lab. `api` picks the fake API's timing preset; the two seconds override it."""
+           api_action_s: float | None = None, api_latency_s: float | None = None,
+           serve: str = "active-standby") -> None:
+        """Build the lab. `api` picks the fake API's timing preset; the two seconds override it.
+        `serve` is the stack's setting: HAProxy sends to the local app (active-standby) or both."""
         why = missing()
         if why:
             raise LabError(why)
@@ -213,6 +217,8 @@ class Lab:
                            f"(state: {self.state_file})")
         if profile not in PROFILES:
             raise LabError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")
+        if serve not in SERVE_MODES:
+            raise LabError(f"unknown serve mode {serve!r}; use one of {', '.join(SERVE_MODES)}")
         if api not in API_PRESETS:
             raise LabError(f"unknown API preset {api!r}; use one of {', '.join(API_PRESETS)}")
         action_s, latency_s = API_PRESETS[api]
@@ -225,7 +231,7 @@ class Lab:
         os.chmod(LAB_ROOT, 0o755)
         self.state = {"up": False, "profile": profile, "namespaces": [], "processes": {},
                       "root": str(LAB_ROOT), "created": time.time(),
-                      "api": {"preset": api, "action_s": action_s, "latency_s": latency_s}}
+                      "api": {"preset": api, "action_s": action_s, "latency_s": latency_s}, "serve": serve}
         self._save()
         try:
             self._network()
@@ -351,6 +357,8 @@ class Lab:
             peer_public_ip=PUBLIC[peer],
             reserved_ip=RESERVED_IP, priority=PRIORITY[node], router_id=ROUTER_ID, private_interface="eth1",
             admin_cidrs=(ADMIN_CIDR,), http_ports=(80, 443), health_url=HEALTH_URL, profile=PROFILES[profile],
+            # HAProxy as on a droplet, run as root (the lab has no haproxy user per node).
+            haproxy=HaproxyFacts(public_port=80, backend_port=BACKEND_PORT, serve=self.serve, user=""),
             api_url=f"http://{API_ADDR}:{API_PORT}", metadata_url=f"http://{API_ADDR}:{API_PORT}/metadata/v1",
             script_user=SCRIPT_USER, docker_cmd=str(LAB_ROOT / "bin" / "docker"), paths=paths,
             log_file=str(node_root(node) / "var" / "log" / "mt-failover.log"), allow_insecure_http=True,
@@ -378,7 +386,8 @@ class Lab:
         _write(Path(paths.token_file), token, 0o600)
         _write(Path(paths.app_env), f"DATABASE_URL={self.db_url()}\n", 0o600)
         _write(root / "etc" / "minitwit-lab" / "node.env",
-               f"NODE_NAME={node}\nLAB_PYTHON={sys.executable}\nLAB_REPO={REPO}\nAPP_LISTEN=0.0.0.0:80\n", 0o644)
+               f"NODE_NAME={node}\nLAB_PYTHON={sys.executable}\nLAB_REPO={REPO}\nAPP_LISTEN=0.0.0.0:{BACKEND_PORT}\n",
+               0o644)
         _write(Path(paths.app_dir) / ".env", "MINITWIT_VERSION=v1\n", 0o644)
         # The node's own firewall, for real.
         in_ns(node, "nft", "-f", paths.nftables_conf)
@@ -475,15 +484,41 @@ class Lab:
         return in_ns(node, "env", f"PATH={LAB_ROOT}/bin:/usr/bin:/bin", str(LAB_ROOT / "bin" / "docker"),
                      "compose", "-p", "minitwit", "-f", paths.compose_file, *args)
 
-    def start_daemons(self, node: str, which: tuple[str, ...] = ("watch", "reconcile", "keepalived")) -> None:
+    def start_daemons(self, node: str,
+                      which: tuple[str, ...] = ("haproxy", "watch", "reconcile", "keepalived")) -> None:
         paths = node_paths(node)
         env = self.node_env(node)
+        if "haproxy" in which:
+            self.start_haproxy(node)
         if "watch" in which and PROFILES[self.state["profile"]].use_watcher:
             self.spawn(f"{node}-watch", node, [paths.script("mt-healthwatch")], env=env, user=SCRIPT_USER)
         if "reconcile" in which:
             self.spawn(f"{node}-reconcile", node, [paths.script("mt-failover"), "reconcile"], env=env)
         if "keepalived" in which:
             self.start_keepalived(node)
+
+    def start_haproxy(self, node: str) -> Proc:
+        """HAProxy in master-worker mode in the foreground (-W -db), as Debian's unit runs it (-Ws)."""
+        paths = node_paths(node)
+        Path(paths.haproxy_admin_socket).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        sh("haproxy", "-c", "-q", "-f", paths.haproxy_cfg)
+        proc = self.spawn(f"{node}-haproxy", node, ["haproxy", "-W", "-db", "-f", paths.haproxy_cfg])
+        wait_for(lambda: self.haproxy_serving(node), 10, f"{node}'s HAProxy to listen")
+        return proc
+
+    def haproxy_serving(self, node: str) -> bool:
+        """HAProxy's monitor (keepalived's check) answers 200: it runs and has an app server UP."""
+        out = in_ns(node, "curl", "--silent", "--output", "/dev/null", "--write-out", "%{http_code}", "--max-time", "1",
+                    HaproxyFacts().monitor_url, check=False)
+        return out.stdout.strip() == "200"
+
+    def reload_haproxy(self, node: str) -> None:
+        """What `systemctl reload haproxy` does: check, then SIGUSR2 to the master (hitless)."""
+        sh("haproxy", "-c", "-q", "-f", node_paths(node).haproxy_cfg)
+        proc = self.procs().get(f"{node}-haproxy")
+        if proc is None or not proc.alive():
+            raise LabError(f"{node}: HAProxy is not running")
+        os.kill(proc.pid, signal.SIGUSR2)
 
     def start_keepalived(self, node: str) -> Proc:
         paths = node_paths(node)
@@ -527,8 +562,22 @@ class Lab:
         headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:]) if v}
         return status, headers
 
+    def app_http(self, node: str) -> tuple[int | None, dict[str, str]]:
+        """The node's own app (behind its HAProxy), asked from inside the node: status, headers."""
+        out = in_ns(node, "curl", "--silent", "--max-time", "1", "--dump-header", "-", "--output", "/dev/null",
+                    HEALTH_URL, check=False)
+        lines = out.stdout.splitlines() if out.returncode == 0 else []
+        if not lines or not lines[0].startswith("HTTP/"):
+            return None, {}
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:]) if v}
+        return int(lines[0].split()[1]), headers
+
     def masters(self) -> list[str]:
         return [n for n in NODES if self.vrrp_state(n) == "MASTER"]
+
+    @property
+    def serve(self) -> str:
+        return self.state.get("serve", "active-standby")
 
     @property
     def api_timing(self) -> dict:
@@ -596,7 +645,9 @@ class Lab:
         if len(masters) != 1 or holder != masters[0] or api.get("pending"):
             return None  # an assign still in flight can move the IP yet
         status, headers = self.http(f"http://{RESERVED_IP}/latest")
-        return masters[0] if status == 200 and headers.get("x-served-by") == masters[0] else None
+        # active-standby: the MASTER's own app answers (its HAProxy sends there first).
+        served = headers.get("x-served-by") in (NODES if self.serve == "both" else (masters[0],))
+        return masters[0] if status == 200 and served else None
 
     def wait_steady(self, timeout: float = 20.0) -> str:
         deadline = time.monotonic() + timeout
@@ -623,7 +674,7 @@ class Lab:
         nodes = {}
         procs = self.procs()
         for node in NODES:
-            status, headers = self.http(f"http://{PUBLIC[node]}/latest", timeout=1)
+            status, headers = self.app_http(node)
             nodes[node] = {
                 "vrrp_state": self.vrrp_state(node),
                 "app_version": headers.get("x-app-version") if status else None,
@@ -718,6 +769,8 @@ class Lab:
             os.kill(pid, signal.SIGKILL)
         elif kind == "keepalived":
             self.stop(f"{node}-keepalived")
+        elif kind == "haproxy":
+            self.stop(f"{node}-haproxy", sig=signal.SIGKILL)
         elif kind == "link":
             for dev in ("eth0", "eth1"):
                 in_ns(node, "ip", "link", "set", dev, "down")
@@ -758,6 +811,10 @@ class Lab:
             if not (self.procs().get(f"{node}-keepalived") and self.procs()[f"{node}-keepalived"].alive()):
                 self.state.get("processes", {}).pop(f"{node}-keepalived", None)
                 self.start_keepalived(node)
+        elif kind == "haproxy":
+            if not (self.procs().get(f"{node}-haproxy") and self.procs()[f"{node}-haproxy"].alive()):
+                self.state.get("processes", {}).pop(f"{node}-haproxy", None)
+                self.start_haproxy(node)
         elif kind == "link":
             for dev in ("eth0", "eth1"):
                 in_ns(node, "ip", "link", "set", dev, "up")
