@@ -98,6 +98,19 @@ def in_ns(role: str, *argv: str, **kw) -> subprocess.CompletedProcess:
     return sh("ip", "netns", "exec", ns(role), *argv, **kw)
 
 
+def link_veth(switch: str, host: str, inner: str, outer: str, bridge: str, addrs: list[str]) -> None:
+    """A veth from namespace `host` (its end named `inner`, with `addrs`) to `bridge` in `switch`."""
+    def run(where: str, *argv: str) -> None:
+        sh("ip", "netns", "exec", where, *argv)
+
+    sh("ip", "link", "add", outer, "netns", switch, "type", "veth", "peer", "name", inner, "netns", host)
+    run(switch, "ip", "link", "set", outer, "master", bridge)
+    run(switch, "ip", "link", "set", outer, "up")
+    for addr in addrs:
+        run(host, "ip", "addr", "add", addr, "dev", inner)
+    run(host, "ip", "link", "set", inner, "up")
+
+
 def _starttime(pid: int) -> str | None:
     """The process's start time (to tell it from a later process with the same PID); None when it
     is gone or a zombie (exited, not yet reaped)."""
@@ -272,12 +285,7 @@ class Lab:
         self._link("rogue", "eth1", "r-vpc", "br-vpc", [f"{ROGUE_ADDR}/24"])
 
     def _link(self, role: str, inner: str, outer: str, bridge: str, addrs: list[str]) -> None:
-        sh("ip", "link", "add", outer, "netns", ns("sw"), "type", "veth", "peer", "name", inner, "netns", ns(role))
-        in_ns("sw", "ip", "link", "set", outer, "master", bridge)
-        in_ns("sw", "ip", "link", "set", outer, "up")
-        for addr in addrs:
-            in_ns(role, "ip", "addr", "add", addr, "dev", inner)
-        in_ns(role, "ip", "link", "set", inner, "up")
+        link_veth(ns("sw"), ns(role), inner, outer, bridge, addrs)
 
     def _edge(self) -> None:
         """DigitalOcean's edge, in `client`: new connections to the reserved IP go to its holder."""

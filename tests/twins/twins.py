@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.lab.lab import REPO, LabError, _starttime, _write, sh, wait_for
+from tests.lab.lab import REPO, LabError, _starttime, _write, link_veth, sh, wait_for
 from tests.twins import dockerrepo
 from tests.twins.image import Image, ensure_image
 
@@ -208,12 +208,7 @@ class Twins:
         in_ns("client", "ip", "route", "add", f"{RESERVED_IP}/32", "dev", "eth0")
 
     def _link(self, role: str, inner: str, outer: str, bridge: str, addrs: list[str]) -> None:
-        sh("ip", "link", "add", outer, "netns", ns("sw"), "type", "veth", "peer", "name", inner, "netns", ns(role))
-        in_ns("sw", "ip", "link", "set", outer, "master", bridge)
-        in_ns("sw", "ip", "link", "set", outer, "up")
-        for addr in addrs:
-            in_ns(role, "ip", "addr", "add", addr, "dev", inner)
-        in_ns(role, "ip", "link", "set", inner, "up")
+        link_veth(ns("sw"), ns(role), inner, outer, bridge, addrs)
 
     def _edge(self) -> None:
         repo_url = docker_repo_url()
