@@ -251,6 +251,7 @@ def test_the_step_scripts_are_shellcheck_clean(tmp_path):
         "wait": steps.wait_command(), "secret": steps.secret_file_command(paths.token_file),
         "failover": steps.failover_command(paths), "firewall": steps.firewall_command(paths, ("198.51.100.0/24",)),
         "keepalived": steps.keepalived_command(paths), "app": steps.app_command(paths, "minitwit"),
+        "retire": steps.retire_command(paths), "retire-armed": steps.retire_armed_command(),
         "haproxy": steps.haproxy_command(paths),
         "registry": steps.registry_login_command("registry.digitalocean.com", "ci"),
         "db-grants": grants_command("private-db.example.invalid", 25060, "doadmin"),
