@@ -1,7 +1,9 @@
 """One source of data for both nodes: the `database` setting's three modes.
 
 - managed: a DigitalOcean PostgreSQL cluster in the pair's region and VPC, a database and a user
-  for the app, and a database firewall whose only trusted sources are the two droplets.
+  for the app, and a database firewall whose only trusted source is a tag only this stack's
+  droplets carry (db_client_tag): a replacement droplet is trusted when it is created, and the
+  firewall never changes while a node is replaced.
 - external: the URI the user supplied (a secret).
 - none: each node's compose file runs its own database; a failover then serves other data, so
   `pulumi preview` says so.
@@ -34,6 +36,13 @@ APP_USER = "minitwit"
 NONE_WARNING = ("database=none: each node uses its compose file's own database, so after a failover the "
                 "other node serves a different, older data set. Use database=managed (or external) for one "
                 "shared database.")
+
+
+def db_client_tag(stack: str) -> str:
+    """The tag the database firewall trusts; both droplets carry it and nothing else should. Only
+    letters, digits, '-', '_' and ':' are valid in a DigitalOcean tag (at most 255)."""
+    clean = "".join(c if c.isalnum() or c in "-_" else "-" for c in stack)
+    return f"minitwit-ha-{clean}"[:255]
 
 
 def app_env_text(uri: str | None) -> str:
@@ -81,7 +90,7 @@ def grants_command(host: str, port: int | str, admin_user: str, db: str = APP_DB
         "set -eu",
         "# psql comes with postgresql-client (Debian 12: 15; a 15 client runs these statements on 16 and 17).",
         "if ! command -v psql >/dev/null 2>&1; then",
-        "  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-client >/dev/null",
+        "  sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q postgresql-client >/dev/null",
         "fi",
         "# The password is stdin's first line and lives only in psql's environment (never on a",
         "# command line); psql reads the rest of stdin: the SQL.",
@@ -133,12 +142,14 @@ class SharedDatabase:
                                           opts=ResourceOptions(parent=parent, protect=settings.protect))
             self.user = do.DatabaseUser(f"{name}-db-app", cluster_id=self.cluster.id, name=APP_USER,
                                         opts=ResourceOptions(parent=parent))
-            # Trusted sources: exactly the two droplets (nothing else, not even the admin CIDRs).
+            # Trusted source: the stack's droplets by tag (nothing else, not even the admin CIDRs). Not
+            # droplet IDs: a replacement's ID would update the rules as soon as it existed. After the
+            # droplets (depends_on, no ID input): the tag exists once a droplet carries it.
             self.firewall = do.DatabaseFirewall(
                 f"{name}-db-firewall",
                 cluster_id=self.cluster.id,
-                rules=[do.DatabaseFirewallRuleArgs(type="droplet", value=d.id) for d in droplets],
-                opts=ResourceOptions(parent=parent),
+                rules=[do.DatabaseFirewallRuleArgs(type="tag", value=db_client_tag(settings.stack))],
+                opts=ResourceOptions(parent=parent, depends_on=list(droplets)),
             )
             uri = Output.all(self.user.name, self.user.password, self.cluster.private_host, self.cluster.port,
                              self.database.name).apply(lambda v: managed_uri(*v))

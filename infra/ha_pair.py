@@ -6,6 +6,15 @@ Why it looks the way it does:
   back as drift on refresh and moved back to the droplet named in code on the next `up`.
 - No DigitalOcean Cloud Firewall: it filters only TCP/UDP/ICMP, also on VPC traffic, so it
   cannot pass VRRP (IP protocol 112). Each node gets a host nftables ruleset instead.
+- One node at a time (day two): the droplets ignore drift in image, user data and SSH keys (each
+  forces a replacement, and both nodes share them), unless `nodeOverrides` gives that node its own
+  image; a size change resizes only the node whose override names it. scripts/rollout.py
+  resize|reimage walks the pair with these overrides (docs/operations.md).
+- A replaced droplet never fights: its retire step (triggered only by its ID) stops keepalived,
+  the reconciler and HAProxy on the old droplet, delete-before-replace, before the survivor's
+  firewall, HAProxy and keepalived are re-pointed at the new peer.
+- Each node's SSH host key is generated here (pulumi-tls, ed25519), installed by cloud-init and
+  pinned in every connection; `known_hosts` is a stack output for CI and the rollout tool.
 - Each node's files are rendered from *both* droplets' outputs (own private IP as unicast source,
   the other's as peer), so only rendering waits for both droplets; the two nodes' remote chains
   run in parallel, except the app step, which goes standby first so the pair never restarts its
@@ -20,12 +29,13 @@ from pathlib import Path
 import pulumi
 import pulumi_command as command
 import pulumi_digitalocean as do
+import pulumi_tls as tls
 from pulumi import Output, ResourceOptions
 
 from infra import steps
 from infra.adopt import stack_tag
-from infra.cloudinit import render_cloud_init
-from infra.database import GrantsStep, SharedDatabase
+from infra.cloudinit import HostKey, render_cloud_init
+from infra.database import GrantsStep, SharedDatabase, db_client_tag
 from infra.haproxy import HaproxyFacts
 from infra.node import (
     REPO_ROOT,
@@ -57,7 +67,19 @@ class HaPairArgs:
 
 
 def _tags(settings: Settings, node: str) -> list[str]:
-    return ["minitwit-ha", stack_tag(settings.stack), f"minitwit-ha:{node}"]
+    # db_client_tag: the database firewall trusts it, so a replacement droplet reaches the database
+    # without the firewall changing (it used to list droplet IDs, updated as soon as a new ID existed).
+    return ["minitwit-ha", stack_tag(settings.stack), f"minitwit-ha:{node}", db_client_tag(settings.stack)]
+
+
+# Drift the droplets ignore: each of these forces a replacement, and both nodes share them, so one
+# `pulumi up` would replace both at once. A node rebuilt on purpose (nodeOverrides) takes them again.
+REPLACING_INPUTS = ["image", "userData", "sshKeys"]
+
+
+def known_hosts_line(host: str, public_key: str) -> str:
+    """One known_hosts line: the address, then the key (`ssh-ed25519 AAAA...`), no comment."""
+    return f"{host} {' '.join(public_key.split()[:2])}"
 
 
 def _hostname(name: str, node: str) -> str:
@@ -87,15 +109,21 @@ class HaPair(pulumi.ComponentResource):
             self.ssh_key = do.SshKey(f"{name}-deploy-key", public_key=s.ssh_public_key, opts=child_opts)
             key_refs.append(self.ssh_key.fingerprint)
 
-        user_data = render_cloud_init(s.ssh_public_key)
+        self.host_keys: dict[str, tls.PrivateKey] = {}
         self.droplets: dict[str, do.Droplet] = {}
         for node in NODES:
+            # The node's SSH host key, made here so every connection can pin it. It outlives a
+            # replaced droplet: the new one gets the same key, and known_hosts stays valid.
+            key = tls.PrivateKey(f"{name}-{node}-host-key", algorithm="ED25519", opts=child_opts)
+            self.host_keys[node] = key
+            user_data = Output.secret(Output.all(key.private_key_openssh, key.public_key_openssh).apply(
+                lambda k: render_cloud_init(s.ssh_public_key, HostKey(private=k[0], public=k[1]))))
             self.droplets[node] = do.Droplet(
                 f"{name}-{node}",
                 name=_hostname(name, node),
-                image=s.droplet_image,
+                image=s.node_image(node),
                 region=s.region,
-                size=s.droplet_size,
+                size=s.node_size(node),
                 vpc_uuid=self.vpc.id,
                 ssh_keys=key_refs,
                 monitoring=True,
@@ -103,7 +131,7 @@ class HaPair(pulumi.ComponentResource):
                 tags=_tags(s, node),
                 user_data=user_data,
                 graceful_shutdown=True,
-                opts=child_opts,
+                opts=ResourceOptions(parent=self, ignore_changes=[] if s.rebuilds(node) else REPLACING_INPUTS),
             )
 
         if s.reserved_ip:
@@ -122,17 +150,21 @@ class HaPair(pulumi.ComponentResource):
         self.database = SharedDatabase(name, s, self.vpc, [self.droplets[n] for n in NODES], self)
 
         self.node_chains: dict[str, NodeChain] = {}
+        for node in NODES:
+            peer = "standby" if node == "primary" else "primary"
+            self.node_chains[node] = NodeChain(
+                name=f"{name}-{node}", node=node, settings=s, droplet=self.droplets[node],
+                peer=self.droplets[peer], host_key=self.host_keys[node].public_key_openssh, parent=self)
         app_after: list[pulumi.Resource] = []
         for node in ("standby", "primary"):  # app step: standby first, then primary
             peer = "standby" if node == "primary" else "primary"
-            chain = NodeChain(
-                name=f"{name}-{node}", node=node, settings=s, droplet=self.droplets[node],
-                peer=self.droplets[peer], reserved_ip=self.reserved_ip.ip_address,
-                app_env=self.database.app_env, repo_root=args.repo_root, app_after=list(app_after), parent=self,
+            chain = self.node_chains[node]
+            chain.provision(
+                reserved_ip=self.reserved_ip.ip_address, app_env=self.database.app_env, repo_root=args.repo_root,
+                app_after=list(app_after), peer_retire=self.node_chains[peer].retire,
                 # The app user's rights, granted once from the node whose app starts first.
                 db_grants=self.database.grants if not app_after else None,
             )
-            self.node_chains[node] = chain
             app_after.append(chain.app)
 
         port = "" if s.app_port == 80 else f":{s.app_port}"
@@ -141,10 +173,12 @@ class HaPair(pulumi.ComponentResource):
         gate_deps = [c for chain in self.node_chains.values() for c in chain.commands]
         self.ready = command.local.Command(
             f"{name}-ready",
+            # The project's own interpreter and a relative dir: an absolute path would show as drift
+            # (`~dir`) when another checkout (CI, a colleague) runs the next `pulumi up` or drift check.
             create=Output.concat(
-                "python3 scripts/wait_ready.py --timeout 300 --url ", ready_url,
+                ".venv/bin/python scripts/wait_ready.py --timeout 300 --url ", ready_url,
             ),
-            dir=str(args.repo_root),
+            dir=_relative_dir(args.repo_root),
             triggers=[chain.digest for chain in self.node_chains.values()],
             opts=ResourceOptions(parent=self, depends_on=gate_deps),
         )
@@ -157,34 +191,72 @@ class HaPair(pulumi.ComponentResource):
             }
             for node, d in self.droplets.items()
         }
+        # known_hosts lines for both droplets' public addresses (CI's ssh and the rollout tool read them).
+        self.known_hosts = Output.all(*[Output.all(self.droplets[n].ipv4_address, self.host_keys[n].public_key_openssh)
+                                        for n in NODES]).apply(
+            lambda pairs: "".join(known_hosts_line(h, k) + "\n" for h, k in pairs))
         self.register_outputs({
             "reserved_ip": self.reserved_ip.ip_address,
             "app_url": self.app_url,
             "vpc_id": self.vpc.id,
             "nodes": self.nodes,
             "database_host": self.database.host,
+            "known_hosts": self.known_hosts,
         })
 
 
+def _relative_dir(path: Path) -> str:
+    """`path` relative to where the program runs (the project directory under `pulumi up`: ".")."""
+    import os
+
+    try:
+        return os.path.relpath(path) or "."
+    except ValueError:  # another drive (Windows): nothing relative exists
+        return str(path)
+
+
 class NodeChain:
-    """One node's remote commands: wait -> bootstrap -> token/failover/firewall -> keepalived, and the app."""
+    """One node's remote commands: wait and retire first (created for both nodes before either is
+    provisioned, because each node's firewall, HAProxy and keepalived wait for the peer's retire),
+    then `provision`: bootstrap -> token/failover/firewall -> app -> HAProxy -> keepalived."""
 
     def __init__(self, *, name: str, node: str, settings: Settings, droplet: do.Droplet, peer: do.Droplet,
-                 reserved_ip: Output[str], app_env: Output[str], repo_root: Path,
-                 app_after: list[pulumi.Resource], parent: pulumi.Resource,
-                 db_grants: GrantsStep | None = None) -> None:
+                 host_key: Output[str], parent: pulumi.Resource) -> None:
         s = settings
-        paths = NodePaths()
+        self.name, self.node, self.settings, self.droplet, self.peer, self.parent = name, node, s, droplet, peer, parent
+        self.paths = NodePaths()
+
         def connection(dial_error_limit: int) -> command.remote.ConnectionArgs:
             return command.remote.ConnectionArgs(
                 host=droplet.ipv4_address, user=DEPLOY_USER, private_key=Output.secret(s.ssh_private_key.reveal()),
                 dial_error_limit=dial_error_limit, per_dial_timeout=10,
+                # Pinned: the key the stack generated and cloud-init installed, never whatever answers.
+                host_key=host_key,
             )
 
         # A fresh droplet's sshd comes up after ~30-60 s; the default 10 dial attempts give up after
         # ~11 s. The first step retries without limit, bounded by its timeout; later ones give up.
-        conn = connection(-1)
-        steady_conn = connection(20)
+        self.conn = connection(-1)
+        self.steady_conn = connection(20)
+        self.wait = command.remote.Command(
+            f"{name}-wait", connection=self.conn, create=steps.wait_command(),
+            triggers=[droplet.id],
+            opts=ResourceOptions(parent=parent, custom_timeouts=pulumi.CustomTimeouts(create="15m", update="15m")),
+        )
+        # Replaced only with the droplet (its ID is the one trigger). Delete-before-replace: the old
+        # droplet's services stop as soon as the new droplet answers SSH, before the survivor is
+        # re-pointed at it (its steps depend on this), not when Pulumi deletes the old droplet at the end.
+        self.retire = command.remote.Command(
+            f"{name}-retire", connection=self.steady_conn, create=steps.retire_armed_command(),
+            delete=steps.retire_command(self.paths), triggers=[droplet.id],
+            opts=ResourceOptions(parent=parent, depends_on=[self.wait], delete_before_replace=True),
+        )
+
+    def provision(self, *, reserved_ip: Output[str], app_env: Output[str], repo_root: Path,
+                  app_after: list[pulumi.Resource], peer_retire: pulumi.Resource,
+                  db_grants: GrantsStep | None = None) -> None:
+        s, name, node, droplet, peer, parent = self.settings, self.name, self.node, self.droplet, self.peer, self.parent
+        paths, steady_conn = self.paths, self.steady_conn
 
         def secret_file(step: str, path: str, content: pulumi.Input[str]) -> command.remote.Command:
             """Write `content` to `path` on the node, 0600 root from the first byte, via stdin only."""
@@ -203,7 +275,7 @@ class NodeChain:
                 reserved_ip=rip, priority=PRIORITY[node], router_id=s.vrrp_router_id,
                 private_interface=s.private_interface, admin_cidrs=s.admin_cidrs, http_ports=s.http_ports,
                 health_url=s.health_url, profile=PROFILES[s.failover_profile], compose_project=COMPOSE_PROJECT,
-                paths=paths, app_image=s.app_image,
+                paths=paths, app_image=s.app_image, app_version=s.app_version,
                 haproxy=HaproxyFacts(public_port=s.app_port, backend_port=s.app_backend_port,
                                      serve=s.serve, check_path=s.app_check_path),
             )
@@ -217,11 +289,6 @@ class NodeChain:
             digest = rendered.apply(lambda fs: step_digest(files_for_step(fs, step)))
             return archive, digest
 
-        self.wait = command.remote.Command(
-            f"{name}-wait", connection=conn, create=steps.wait_command(),
-            triggers=[droplet.id],
-            opts=ResourceOptions(parent=parent, custom_timeouts=pulumi.CustomTimeouts(create="15m", update="15m")),
-        )
         bootstrap_script = (repo_root / "scripts" / "node-bootstrap.sh").read_text()
         self.bootstrap = command.remote.Command(
             f"{name}-bootstrap", connection=steady_conn, create=steps.bootstrap_command(), stdin=bootstrap_script,
@@ -243,7 +310,8 @@ class NodeChain:
         self.firewall = command.remote.Command(
             f"{name}-firewall", connection=steady_conn, create=steps.firewall_command(paths, s.admin_cidrs),
             stdin=archive, triggers=[droplet.id, self.firewall_digest],
-            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap]),
+            # After the peer's retire: a replaced peer is stopped before VRRP from it is refused here.
+            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap, peer_retire]),
         )
 
         app_deps: list[pulumi.Resource] = [self.bootstrap, self.failover]
@@ -282,16 +350,17 @@ class NodeChain:
         self.haproxy = command.remote.Command(
             f"{name}-haproxy", connection=steady_conn, create=steps.haproxy_command(paths), stdin=archive,
             triggers=[droplet.id, self.haproxy_digest],
-            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap, self.app]),
+            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap, self.app, peer_retire]),
         )
         # keepalived last: its checks ask HAProxy's monitor whether this node can serve.
         archive, self.keepalived_digest = step_inputs(STEP_KEEPALIVED, steps.staging_path(paths.keepalived_conf))
         self.keepalived = command.remote.Command(
             f"{name}-keepalived", connection=steady_conn, create=steps.keepalived_command(paths), stdin=archive,
             triggers=[droplet.id, self.keepalived_digest],
-            opts=ResourceOptions(parent=parent, depends_on=[self.failover, self.firewall, self.token, self.haproxy]),
+            opts=ResourceOptions(parent=parent, depends_on=[self.failover, self.firewall, self.token, self.haproxy,
+                                                                  peer_retire]),
         )
-        self.commands = [c for c in (self.wait, self.bootstrap, self.token, self.alert_webhook, self.failover,
+        self.commands = [c for c in (self.wait, self.retire, self.bootstrap, self.token, self.alert_webhook, self.failover,
                                      self.firewall, self.registry, self.app_env, self.db_grants, self.app,
                                      self.haproxy, self.keepalived) if c is not None]
         self.digest = Output.all(self.failover_digest, self.firewall_digest, self.keepalived_digest,

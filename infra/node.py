@@ -173,6 +173,7 @@ class NodeFacts:
     log_file: str = ""             # extra log file for mt-failover (the lab); syslog is always used
     peer_public_ip: str = ""       # the peer's public IPv4: is it still serving through the reserved IP?
     app_image: str = ""            # MINITWIT_IMAGE for the compose file; empty: no stack.env (the lab)
+    app_version: str = ""          # MINITWIT_VERSION a node without one starts with (appVersion)
     allow_insecure_http: bool = False  # the lab only: its fake API and webhook sink speak plain http
     # HAProxy in front of the app (the stack always sets it). None: the app owns the public port
     # and keepalived checks the app itself (the lab until it runs HAProxy).
@@ -419,6 +420,9 @@ def render_stack_env(facts: NodeFacts) -> str | None:
     lines = {}
     if facts.app_image:
         lines["MINITWIT_IMAGE"] = facts.app_image
+    if facts.app_version:
+        # Only a seed: the app step keeps a MINITWIT_VERSION the rollout already wrote (steps.SEED_KEYS).
+        lines["MINITWIT_VERSION"] = facts.app_version
     if facts.haproxy is not None:
         lines["MTHA_PRIVATE_IPV4"] = facts.private_ip
         lines["MTHA_APP_BACKEND_PORT"] = str(facts.haproxy.backend_port)

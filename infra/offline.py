@@ -96,6 +96,12 @@ class DoMocks(pulumi.runtime.Mocks):
                            urn=f"do:dbaas:{rid}")
         elif args.typ == "digitalocean:index/databaseUser:DatabaseUser":
             outputs.update(password="mock-user-password")  # noqa: S106
+        elif args.typ == "tls:index/privateKey:PrivateKey":
+            # A fixed fake key per name (never a real key): tests and plans stay byte-identical.
+            tag = hashlib.sha256(args.name.encode()).hexdigest()[:32]
+            outputs.update(privateKeyOpenssh=f"-----BEGIN OPENSSH PRIVATE KEY-----\nmock-host-key-{tag}\n"
+                                             "-----END OPENSSH PRIVATE KEY-----\n",
+                           publicKeyOpenssh=f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5{tag}\n")
         elif args.typ.startswith("command:"):
             outputs.update(stdout="", stderr="")
         return [rid, outputs]

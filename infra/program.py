@@ -27,6 +27,8 @@ def build(settings: Settings, project_dir: Path = PROJECT_DIR) -> dict[str, Any]
         "vpc_id": pair.vpc.id,
         "nodes": pair.nodes,
         "database_host": pair.database.host,
+        # Plain text in known_hosts format: both droplets' pinned host keys (CI's ssh reads it).
+        "known_hosts": pair.known_hosts,
         # Secret: the app's own database URI (public host), for `migrate_db.py --to stack:NAME`.
         "database_uri": pair.database.app_uri,
     }

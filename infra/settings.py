@@ -160,6 +160,14 @@ class Database:
 
 
 @dataclass(frozen=True)
+class NodeOverride:
+    """One node's own dropletSize/dropletImage (empty: the stack-wide value)."""
+
+    droplet_size: str = ""
+    droplet_image: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     stack: str
     region: str
@@ -188,6 +196,24 @@ class Settings:
     app_backend_port: int = 5000       # HAProxy's backends: the local and the peer's app
     serve: str = "active-standby"
     app_check_path: str = ""           # empty: TCP checks
+    # The image tag a new or replaced node starts with (MINITWIT_VERSION); empty: "latest". The
+    # rollout owns the version of a running node; this only seeds a node whose .env has none.
+    app_version: str = ""
+    # Per-node size/image (nodeOverrides): lets resize and reimage reach one node per `pulumi up`.
+    node_overrides: Mapping[str, NodeOverride] = field(default_factory=dict)
+
+    def node_size(self, node: str) -> str:
+        o = self.node_overrides.get(node)
+        return o.droplet_size if o and o.droplet_size else self.droplet_size
+
+    def node_image(self, node: str) -> str:
+        o = self.node_overrides.get(node)
+        return o.droplet_image if o and o.droplet_image else self.droplet_image
+
+    def rebuilds(self, node: str) -> bool:
+        """A node with its own dropletImage is (re)built from the current image, user data and keys."""
+        o = self.node_overrides.get(node)
+        return bool(o and o.droplet_image)
 
     @property
     def http_ports(self) -> tuple[int, ...]:
@@ -538,6 +564,65 @@ def _check_backend_port(r: _Reader, key: str, app_port: int) -> int:
     return port
 
 
+def _check_size(r: _Reader, key: str, size: str) -> str:
+    if size and not _SIZE_RE.match(size):
+        r.fail(key, f"'{size}' is not a droplet size slug; use e.g. s-1vcpu-2gb or s-2vcpu-4gb "
+                    "(`doctl compute size list`)")
+    return size
+
+
+def _check_image(r: _Reader, key: str, image: str) -> str:
+    if image and not (image in SUPPORTED_IMAGES or image.isdigit()):
+        r.fail(key, f"'{image}' is not supported; use {', '.join(SUPPORTED_IMAGES)} "
+                    "(keepalived 2.2.x, apt) or the numeric ID of your snapshot of one")
+    return image
+
+
+NODE_NAMES = ("primary", "standby")
+_OVERRIDE_FIELDS = {"dropletSize": _check_size, "dropletImage": _check_image}
+_OVERRIDE_EXAMPLE = "pulumi config set nodeOverrides '{\"standby\": {\"dropletSize\": \"s-2vcpu-4gb\"}}'"
+
+
+def _read_node_overrides(r: _Reader, key: str) -> dict[str, NodeOverride]:
+    """nodeOverrides: a JSON map of primary/standby to {dropletSize, dropletImage}, each optional."""
+    raw = (r.raw(key) or "").strip()
+    if not raw:
+        return {}
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError:
+        r.fail(key, f"is not JSON; use a map of node to settings, e.g. `{_OVERRIDE_EXAMPLE}`")
+        return {}
+    if not isinstance(doc, dict):
+        r.fail(key, f"must be a map of primary/standby to {{dropletSize, dropletImage}}, e.g. `{_OVERRIDE_EXAMPLE}`")
+        return {}
+    out: dict[str, NodeOverride] = {}
+    for node, fields in doc.items():
+        if node not in NODE_NAMES:
+            r.fail(f"{key}.{node}", f"is not a node; use {' or '.join(NODE_NAMES)}")
+            continue
+        if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+            r.fail(f"{key}.{node}", "must be a map with dropletSize and/or dropletImage (strings)")
+            continue
+        unknown = sorted(set(fields) - set(_OVERRIDE_FIELDS))
+        if unknown:
+            r.fail(f"{key}.{node}", f"{', '.join(unknown)} cannot be set per node; use dropletSize and/or dropletImage")
+            continue
+        values = {f: check(r, f"{key}.{node}.{f}", fields[f].strip()) for f, check in _OVERRIDE_FIELDS.items()
+                  if f in fields}
+        out[node] = NodeOverride(droplet_size=values.get("dropletSize", ""),
+                                 droplet_image=values.get("dropletImage", ""))
+    if len(out) == len(NODE_NAMES) and len(set(out.values())) == 1:
+        # One `pulumi up` would then change both nodes: the full outage this key exists to avoid.
+        r.fail(key, "gives both nodes the same override, so one `pulumi up` would resize or rebuild both at once; "
+                    "override one node at a time (scripts/rollout.py resize|reimage does), then set "
+                    "dropletSize/dropletImage and remove the overrides")
+    return out
+
+
+_VERSION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
 def unknown_keys(source: ConfigSource, schema: Mapping[str, ConfigKey]) -> list[Problem]:
     problems = []
     for key in list(source.keys()):
@@ -564,15 +649,9 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
 
     vpc_ip_range = _check_vpc_range(r, "vpcIpRange", r.string("vpcIpRange"))
 
-    size = r.string("dropletSize")
-    if size and not _SIZE_RE.match(size):
-        r.fail("dropletSize", f"'{size}' is not a droplet size slug; use e.g. s-1vcpu-2gb or s-2vcpu-4gb "
-                              "(`doctl compute size list`)")
-
-    image = r.string("dropletImage")
-    if image and not (image in SUPPORTED_IMAGES or image.isdigit()):
-        r.fail("dropletImage", f"'{image}' is not supported; use {', '.join(SUPPORTED_IMAGES)} "
-                               "(keepalived 2.2.x, apt) or the numeric ID of your snapshot of one")
+    size = _check_size(r, "dropletSize", r.string("dropletSize"))
+    image = _check_image(r, "dropletImage", r.string("dropletImage"))
+    overrides = _read_node_overrides(r, "nodeOverrides")
 
     iface = r.string("privateInterface")
     if not _IFACE_RE.match(iface) or iface == "lo":
@@ -639,6 +718,10 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
     compose = _check_compose(r, "composeFile", r.string("composeFile"), project_dir, backend_port)
     health_url = _check_health_url(r, "healthUrl", r.string("healthUrl"), app_port, backend_port)
     app_image = _check_app_image(r, "appImage", r.string("appImage"))
+    app_version = r.string("appVersion")
+    if app_version and not _VERSION_RE.match(app_version):
+        r.fail("appVersion", f"'{app_version[:80]}' is not a docker tag; use the tag the rollout deployed "
+                             "(letters, digits, _ . -; at most 128), or leave it empty for latest")
     registry = _read_registry(r, app_image)
 
     token = r.secret("failoverToken", required=True)
@@ -676,6 +759,7 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
         failover_profile=profile, vrrp_router_id=router_id, database=database, app_image=app_image,
         reserved_ip_takeover=takeover,
         alert_webhook_url=webhook or None,
+        app_version=app_version, node_overrides=overrides,
     )
 
 

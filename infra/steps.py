@@ -15,6 +15,7 @@ import io
 import shlex
 import tarfile
 
+from infra.haproxy import BACKEND, LOCAL_SERVER, PEER_SERVER
 from infra.node import NodeFile, NodePaths
 
 # keepalived 2.2.7 (Debian 12) kills itself with SIGTERM after a *clean* `-t` run (exit 143; fixed
@@ -194,29 +195,98 @@ def registry_login_command(server: str, username: str) -> str:
     )
 
 
+# Keys the stack only seeds: a node whose .env has one keeps it. MINITWIT_VERSION belongs to the
+# rollout (mt-deploy writes it); appVersion only gives a new or replaced node its peer's version.
+SEED_KEYS = ("MINITWIT_VERSION",)
+
+
 def merge_compose_env_lines(paths: NodePaths) -> tuple[str, ...]:
-    """Merge the stack's keys (stack.env) into the app's .env, keeping every other line (the
-    rollout's MINITWIT_VERSION): the stack's lines first, then the old lines whose key it does not
-    set. Idempotent; written beside .env and renamed, so compose never reads half a file."""
+    """Merge the stack's keys (stack.env) into the app's .env, keeping every other line: the stack's
+    lines first, then the old lines whose key it does not set. A seed key (SEED_KEYS) the old .env
+    already has keeps its old value. Idempotent; written beside .env and renamed, so compose never
+    reads half a file."""
     ours, dotenv = shlex.quote(paths.stack_env), shlex.quote(paths.compose_dotenv)
     new = shlex.quote(f"{paths.compose_dotenv}.new")
+    seeds = " ".join(SEED_KEYS)
+    program = ("FNR == NR { ours[++n] = $0; key[n] = $1; own[$1] = 1; next } "
+               "{ old[++m] = $0; okey[m] = $1; have[$1] = 1 } "
+               "END { split(seeds, s, \" \"); for (i in s) seed[s[i]] = 1; "
+               "for (i = 1; i <= n; i++) if (!(key[i] in seed && key[i] in have)) print ours[i]; "
+               "for (i = 1; i <= m; i++) if (!(okey[i] in own) || okey[i] in seed) print old[i] }")
     return (
         f"if [ -f {ours} ]; then",
         f"  sudo touch {dotenv}",
-        f"  merged=$(sudo awk -F= 'FNR == NR {{ own[$1] = 1; print; next }} !($1 in own)' {ours} {dotenv})",
+        f"  merged=$(sudo awk -F= -v seeds={shlex.quote(seeds)} {shlex.quote(program)} {ours} {dotenv})",
         f"  printf '%s\\n' \"$merged\" | sudo install -m 0644 -o root -g root /dev/stdin {new}",
         f"  sudo mv {new} {dotenv}",
         "fi",
     )
 
 
-def app_command(paths: NodePaths, project: str, health_timeout_s: int = 300) -> str:
+def haproxy_admin_lines(paths: NodePaths) -> tuple[str, ...]:
+    """A shell function `haproxy_admin COMMAND`: one command on HAProxy's admin socket (root only),
+    its answer on stdout. Python, not socat: python3 is on every node already."""
+    return (
+        f"sock={shlex.quote(paths.haproxy_admin_socket)}",
+        "haproxy_admin() {",
+        "  sudo python3 - \"$sock\" \"$1\" <<'EOF'",
+        "import socket, sys",
+        "s = socket.socket(socket.AF_UNIX)",
+        "s.settimeout(5)",
+        "s.connect(sys.argv[1])",
+        "s.sendall(sys.argv[2].encode() + b'\\n')",
+        "out = b''",
+        "while chunk := s.recv(65536):",
+        "    out += chunk",
+        "sys.stdout.write(out.decode())",
+        "EOF",
+        "}",
+    )
+
+
+def _server_field(server: str, column: int) -> str:
+    """awk printing one column of `show stat` CSV for app/<server> (2 svname, 5 scur, 18 status)."""
+    return f"awk -F, '$1 == \"{BACKEND}\" && $2 == \"{server}\" {{ print ${column} }}'"
+
+
+def app_command(paths: NodePaths, project: str, health_timeout_s: int = 300, drain_wait_s: int = 10) -> str:
+    """Pull, then restart the app drained: HAProxy sends new requests to the peer's app over the VPC
+    while compose recreates this one, so a compose change through `pulumi up` costs no failover and no
+    reserved-IP move (the holder's keepalived keeps seeing HAProxy's monitor up). Only when the peer's
+    app is UP; without HAProxy yet (a fresh node) or a peer down it restarts undrained, as before."""
     compose = f"sudo docker compose -p {shlex.quote(project)} -f {shlex.quote(paths.compose_file)}"
     health = paths.script("mt-health")
+    server = f"{BACKEND}/{LOCAL_SERVER}"
     return _script(
         EXTRACT,
         *merge_compose_env_lines(paths),
         f"{compose} pull --quiet",
+        *haproxy_admin_lines(paths),
+        "drained=no",
+        "undrain() {",
+        '  if [ "$drained" = yes ]; then',
+        f'    if haproxy_admin "set server {server} state ready" >/dev/null; then echo "HAProxy: {server} ready again";',
+        f'    else echo "could not put {server} back in HAProxy; run: set server {server} state ready" >&2; fi',
+        "  fi",
+        "}",
+        "# Whatever happens below, the local app is back in HAProxy's rotation.",
+        "trap undrain EXIT",
+        'if [ -S "$sock" ]; then',
+        f'  peer=$(haproxy_admin "show stat" | {_server_field(PEER_SERVER, 18)})',
+        '  if [ "$peer" = UP ]; then',
+        f'    haproxy_admin "set server {server} state drain" >/dev/null',
+        "    drained=yes",
+        f"    # Requests already at the local app finish first (at most {drain_wait_s} s).",
+        f"    i=0; while [ \"$i\" -lt {drain_wait_s * 2} ]; do",
+        f'      busy=$(haproxy_admin "show stat" | {_server_field(LOCAL_SERVER, 5)})',
+        '      [ "${busy:-0}" = 0 ] && break',
+        "      sleep 0.5; i=$((i + 1))",
+        "    done",
+        f'    echo "HAProxy: {server} drained; the peer\'s app serves while this one restarts"',
+        "  else",
+        '    echo "the peer\'s app is ${peer:-not in HAProxy}: restarting the local app undrained" >&2',
+        "  fi",
+        "fi",
         f"{compose} up -d --remove-orphans",
         "# Wait (bounded) until this node is healthy again before the other node's turn.",
         f"deadline=$(( $(date +%s) + {health_timeout_s} ))",
@@ -227,6 +297,35 @@ def app_command(paths: NodePaths, project: str, health_timeout_s: int = 300) -> 
         "  sleep 2",
         "done",
         'echo "app up and healthy"',
+    )
+
+
+def retire_armed_command() -> str:
+    return _script('echo "armed: keepalived, the reconciler and HAProxy stop here before this droplet is deleted"')
+
+
+def retire_command(paths: NodePaths, release_timeout_s: int = 60) -> str:
+    """The retire step's `delete`: runs on a droplet about to be replaced or destroyed, before the
+    survivor is re-pointed at the new peer. Without it the old node would keep running keepalived and
+    the reconciler until Pulumi deletes it at the end of the run, shut out of the survivor's VRRP by
+    its re-rendered unicast_peer and nftables rule: two MASTERs, both reassigning the reserved IP.
+    `disable --now`, so a droplet whose deletion then fails does not come back to fight after a reboot."""
+    env = shlex.quote(paths.failover_env)
+    return _script(
+        "# The reconciler and the watcher first: nothing here may reassign the reserved IP any more.",
+        "sudo systemctl disable --now minitwit-ha-reconcile.service minitwit-ha-healthwatch.service 2>/dev/null || true",
+        "# keepalived: a MASTER's last advert has priority 0, so the peer takes over at once (one IP move).",
+        "sudo systemctl disable --now keepalived 2>/dev/null || true",
+        "# HAProxy serves until the edge has moved the reserved IP away (bounded), then stops.",
+        f"md=$(sudo sed -n 's/^METADATA_URL=//p' {env} 2>/dev/null || true)",
+        'md="${md:-http://169.254.169.254/metadata/v1}"',
+        f"i=0; while [ \"$i\" -lt {release_timeout_s} ]; do",
+        '  held=$(curl --fail --silent --max-time 2 "$md/reserved_ip/ipv4/active" 2>/dev/null || echo unknown)',
+        '  [ "$held" = false ] && break',
+        "  sleep 1; i=$((i + 1))",
+        "done",
+        "sudo systemctl disable --now haproxy 2>/dev/null || true",
+        'echo "retired: keepalived, the reconciler and HAProxy stopped and disabled"',
     )
 
 

@@ -12,19 +12,42 @@ set -Eeuo pipefail
 readonly DOCKER_APT_URL="${DOCKER_APT_URL:-https://download.docker.com/linux}"
 readonly SCRIPT_USER="${SCRIPT_USER:-keepalived_script}"
 readonly LOG_TAG="minitwit-ha"
+# unattended-upgrades runs on a droplet's first boot and holds the dpkg lock for minutes: wait for it.
+readonly APT_LOCK_TIMEOUT_S="${APT_LOCK_TIMEOUT_S:-300}"
+readonly DOCKER_DAEMON_JSON="${DOCKER_DAEMON_JSON:-/etc/docker/daemon.json}"
 
 log() {
   echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) ${LOG_TAG} bootstrap: $*" >&2
   logger -t "${LOG_TAG}" "bootstrap: $*" 2>/dev/null || true
 }
 
+apt_get() {
+  DEBIAN_FRONTEND=noninteractive apt-get -o "DPkg::Lock::Timeout=${APT_LOCK_TIMEOUT_S}" "$@"
+}
+
 apt_install() {
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+  apt_get install -y -q --no-install-recommends "$@"
+}
+
+# Docker's json-file logs grow without bound by default: at most 3 files of 10 MB per container.
+# Written before Docker is installed, so dockerd starts with it. On a node that already runs Docker
+# the file applies to containers created afterwards (the next rollout or compose change recreates
+# them); dockerd is not restarted here, which would restart the app.
+configure_docker_logs() {
+  local wanted='{"log-driver": "json-file", "log-opts": {"max-size": "10m", "max-file": "3"}}'
+  if [[ -f "${DOCKER_DAEMON_JSON}" ]] && [[ "$(cat "${DOCKER_DAEMON_JSON}")" == "${wanted}" ]]; then
+    return
+  fi
+  log "docker log rotation: ${DOCKER_DAEMON_JSON} (json-file, 3 x 10m)"
+  install -d -m 0755 "$(dirname "${DOCKER_DAEMON_JSON}")"
+  printf '%s\n' "${wanted}" > "${DOCKER_DAEMON_JSON}.new"
+  chmod 0644 "${DOCKER_DAEMON_JSON}.new"
+  mv "${DOCKER_DAEMON_JSON}.new" "${DOCKER_DAEMON_JSON}"
 }
 
 install_base() {
   log "installing keepalived, haproxy, nftables, curl, python3"
-  apt-get update -q
+  apt_get update -q
   apt_install keepalived haproxy nftables curl ca-certificates python3 gnupg
 }
 
@@ -45,7 +68,7 @@ install_docker() {
   chmod 0644 /etc/apt/keyrings/docker.asc
   echo "deb [arch=${arch} signed-by=/etc/apt/keyrings/docker.asc] ${DOCKER_APT_URL}/${distro} ${codename} stable" \
     > /etc/apt/sources.list.d/docker.list
-  apt-get update -q
+  apt_get update -q
   apt_install docker-ce docker-ce-cli containerd.io docker-compose-plugin
   systemctl enable --now docker
 }
@@ -60,6 +83,7 @@ create_script_user() {
 
 main() {
   install_base
+  configure_docker_logs
   install_docker
   create_script_user
   # deploy runs the rollout's compose commands through sudo; the docker group would be root anyway.

@@ -3,12 +3,17 @@
 
     rollout.py rollout --version V --outputs outputs.json --identity ~/.ssh/deploy_ed25519
     rollout.py switchover --stack prod --identity ~/.ssh/deploy_ed25519
+    rollout.py resize --size s-2vcpu-4gb --stack prod --identity ~/.ssh/deploy_ed25519
+    rollout.py reimage --image ubuntu-24-04-x64 --stack prod --identity ~/.ssh/deploy_ed25519
 
 `rollout` updates the standby first, waits until it is healthy on V (and back to keepalived
 BACKUP), drains the active node with the maintenance flag so keepalived hands the reserved IP to
 the updated node, waits until the reserved IP is served by it, then updates the former active,
 waits until it is healthy and clears its flag. Traffic stays where it is afterwards (nopreempt).
 `switchover` is the planned move of the reserved IP to the healthy standby.
+`resize` / `reimage` change one droplet per `pulumi up`: the standby first (`nodeOverrides` names only
+it, `pulumi up --target` its droplet and what depends on it), a health wait, a switchover, then the
+former active the same way; finally dropletSize/dropletImage is set and the overrides are cleared.
 
 Nothing is touched until both nodes are locked and the pair is in a state the tool trusts: the
 DigitalOcean API and keepalived agree on the active node, the other node is BACKUP and healthy,
@@ -941,6 +946,112 @@ class Rollout:
 
 
 # ---------------------------------------------------------------------------------------------
+# Day two: resize and reimage, one node per `pulumi up`.
+
+REBUILD_KEYS = {"resize": "dropletSize", "reimage": "dropletImage"}
+SLUG_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+class PulumiCli:
+    """The `pulumi` commands of a resize or reimage. `argv0` comes from --pulumi (tests run a stand-in)."""
+
+    def __init__(self, argv0: Sequence[str], stack: str, log: Callable[[str], None], timeout: float = 3600.0,
+                 project: str = "minitwit-ha"):
+        self.argv0, self.stack, self.log, self.timeout, self.project = list(argv0), stack, log, timeout, project
+
+    def run(self, *args: str) -> str:
+        argv = [*self.argv0, *args, "--stack", self.stack]
+        self.log(f"$ pulumi {' '.join(shlex.quote(a) for a in args)} --stack {self.stack}")
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise PulumiFailed(f"`pulumi {args[0]}` could not run: {e}") from None
+        if proc.returncode != 0:
+            raise PulumiFailed(f"`pulumi {' '.join(args[:2])}` exited {proc.returncode}: {last_line(proc.stderr)}")
+        return proc.stdout
+
+    def set_overrides(self, overrides: dict[str, dict[str, str]]) -> None:
+        # Empty string: no overrides (the schema's default); a map otherwise. Always one node at most.
+        self.run("config", "set", "nodeOverrides", json.dumps(overrides, sort_keys=True) if overrides else "")
+
+    def set(self, key: str, value: str) -> None:
+        self.run("config", "set", key, value)
+
+    def droplet_urn(self, node: str) -> str:
+        return (f"urn:pulumi:{self.stack}::{self.project}::{self.project}:index:HaPair$"
+                f"digitalocean:index/droplet:Droplet::minitwit-{self.stack}-{node}")
+
+    def up(self, node: str) -> None:
+        # The node's droplet and everything that depends on it: its own steps, and the peer's
+        # firewall/HAProxy/keepalived when the droplet's addresses change (a reimage).
+        self.run("up", "--yes", "--skip-preview", "--target", self.droplet_urn(node), "--target-dependents")
+
+    def outputs(self) -> dict:
+        try:
+            return json.loads(self.run("stack", "output", "--json"))
+        except ValueError:
+            raise PulumiFailed("`pulumi stack output --json` did not print JSON") from None
+
+
+class PulumiFailed(Exception):
+    pass
+
+
+class NodeRebuild:
+    """resize/reimage on top of a Rollout: its survey, waits, switchover and locks."""
+
+    def __init__(self, tool: Rollout, cli: PulumiCli, on_outputs: Callable[[dict], None] = lambda _doc: None):
+        self.tool, self.cli, self.on_outputs = tool, cli, on_outputs
+
+    def one_node(self, node: str, key: str, value: str, as_backup: bool) -> None:
+        t = self.tool
+        start = t.clock()
+        t.log(f"{node}: {key}={value} through `pulumi up` of this node only")
+        self.cli.set_overrides({node: {key: value}})
+        self.cli.up(node)
+        doc = self.cli.outputs()
+        fresh = parse_outputs(doc)
+        t.stack.droplets.update(fresh.droplets)   # a reimaged node has a new ID and address
+        t.stack.hosts.update(fresh.hosts)
+        self.on_outputs(doc)
+        waited = t.wait_ready(node, None, as_backup, t.opts.health_timeout)
+        t.step("pulumi-up", node, start, key=key, value=value, health_s=round(waited, 3))
+        t.log(f"{node}: {key}={value} applied and healthy after {waited:.1f} s")
+
+    def run(self, command: str, value: str) -> int:
+        t, key = self.tool, REBUILD_KEYS[command]
+        pair = t.survey()
+        active, standby = pair.active, pair.standby
+        t.log(f"plan: {key}={value} on the standby ({standby}), switch traffic to it, then on {active}; "
+              "never both nodes in one `pulumi up`")
+        try:
+            self.one_node(standby, key, value, as_backup=True)
+        except (PulumiFailed, Timeout) as e:
+            raise ToolError(EXIT_FAILED, f"{key}={value} failed on the standby ({standby}): {e}. The active node "
+                                         f"({active}) was not touched and serves; nodeOverrides still names {standby}: "
+                                         "fix the cause and run again") from None
+        t.confirm_still_active(pair)
+        t.switch(active, standby, None)
+        try:
+            # The stack-wide value first, the override moves to the other node: the standby already has it.
+            self.cli.set(key, value)
+            self.one_node(active, key, value, as_backup=False)
+        except (PulumiFailed, Timeout) as e:
+            raise ToolError(EXIT_DEGRADED, f"{key}={value} serves on {standby} (active now), but it failed on "
+                                           f"{active}: {e}. There is no working standby: fix {active} and run "
+                                           "`pulumi up` for it (docs/operations.md)") from None
+        t.rejoin(active, None)
+        try:
+            self.cli.set_overrides({})
+        except PulumiFailed as e:
+            t.log(f"WARNING: both nodes are done, but nodeOverrides could not be cleared ({e}); clear it with "
+                  "`pulumi config set nodeOverrides ''`")
+        t.log(f"done: {key}={value} on both nodes; traffic on {standby}; {active} is the standby; nodeOverrides "
+              "cleared (`make plan` / `pulumi preview` shows no droplet change)")
+        return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line.
 
 
@@ -980,6 +1091,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--version", required=True, help="the image tag to deploy (MINITWIT_VERSION)")
     sub.add_parser("switchover", parents=[common], help="planned move of the reserved IP to the healthy standby",
                    epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for command, flag, what in (("resize", "--size", "droplet size slug"), ("reimage", "--image", "image slug or ID")):
+        p = sub.add_parser(command, parents=[common], help=f"{command} the droplets one at a time, standby first "
+                           "(needs --stack and the Pulumi CLI)", epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument(flag, dest="value", required=True, help=f"the new {what}")
+        p.add_argument("--pulumi", default="pulumi", metavar="CMD",
+                       help="the Pulumi CLI to run (default: pulumi; split like a shell would)")
     return parser.parse_args(argv)
 
 
@@ -1001,6 +1119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         "IP (a read-only token is enough). It is read from the environment only")
         if args.identity and not os.path.isfile(args.identity):
             raise ToolError(EXIT_USAGE, f"--identity {args.identity}: no such file")
+        if args.command in REBUILD_KEYS:
+            if not args.stack:
+                raise ToolError(EXIT_USAGE, f"{args.command} runs `pulumi config set` and `pulumi up` on a stack: "
+                                            "give --stack NAME (not --outputs)")
+            if not SLUG_RE.fullmatch(args.value):
+                raise ToolError(EXIT_USAGE, f"{args.value[:80]!r} is not a DigitalOcean slug or image ID")
         stack = load_outputs(args.outputs, args.stack)
         transport = SshTransport(stack.hosts, args.user, args.identity, args.known_hosts, args.strict_host_keys,
                                  args.ssh_option, args.remote_root, multiplex=not args.no_ssh_multiplex)
@@ -1014,6 +1138,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"rollout of {args.version} to the pair behind {stack.reserved_ip} "
                     f"({', '.join(sorted(stack.hosts))})")
                 code = tool.execute("rollout", lambda: tool.rollout(args.version))
+            elif args.command in REBUILD_KEYS:
+                def keep_known_hosts(doc: dict) -> None:
+                    # A reimaged node keeps its pinned host key but may get a new address.
+                    if args.known_hosts and isinstance(doc.get("known_hosts"), str):
+                        with open(args.known_hosts, "w", encoding="utf-8") as f:
+                            f.write(doc["known_hosts"])
+
+                cli = PulumiCli(shlex.split(args.pulumi), args.stack, log)
+                rebuild = NodeRebuild(tool, cli, keep_known_hosts)
+                code = tool.execute(args.command, lambda: rebuild.run(args.command, args.value))
             else:
                 log(f"switchover of the pair behind {stack.reserved_ip}")
                 code = tool.execute("switchover", tool.switchover)

@@ -30,14 +30,23 @@ def test_managed_declares_cluster_database_user_and_firewall_in_the_vpc():
     assert run.outputs["database_host"].value == "private-db.example.invalid"
 
 
-def test_database_firewall_trusts_exactly_the_two_droplets():
+def test_database_firewall_trusts_the_stacks_tag_which_only_its_droplets_carry():
     run = run_stack(base_config(database="managed"))
     fw = run.mocks.of_type(FIREWALL)
     assert len(fw) == 1
-    rules = fw[0].plain("rules")
-    droplet_ids = {str(n["droplet_id"]) for n in run.outputs["nodes"].value.values()}
-    assert {r["type"] for r in rules} == {"droplet"}
-    assert {r["value"] for r in rules} == droplet_ids and len(rules) == 2
+    # One rule, a tag derived from the stack: a replacement droplet never changes the firewall.
+    assert fw[0].plain("rules") == [{"type": "tag", "value": "minitwit-ha-test"}]
+    droplets = run.mocks.of_type("digitalocean:index/droplet:Droplet")
+    assert len(droplets) == 2 and all("minitwit-ha-test" in d.plain("tags") for d in droplets)
+    others = [r for r in run.resources if r.typ != "digitalocean:index/droplet:Droplet" and
+              "minitwit-ha-test" in (r.plain("tags") or [])]
+    assert others == []  # the cluster carries its own tags, not the one its firewall trusts
+    # Created after the droplets (the tag exists once one carries it), without their IDs as inputs.
+    deps = {getattr(d, "_name", None) for d in run.mocks.options["minitwit-test-db-firewall"].depends_on}
+    assert deps == {"minitwit-test-primary", "minitwit-test-standby"}
+    # Another stack, another tag: staging's droplets never reach prod's database.
+    other = run_stack(base_config(database="managed"), stack="staging")
+    assert other.mocks.of_type(FIREWALL)[0].plain("rules") == [{"type": "tag", "value": "minitwit-ha-staging"}]
 
 
 def test_managed_uri_is_secret_everywhere_and_reaches_each_node_as_0600_env():

@@ -14,6 +14,7 @@ from infra.offline import unwrap
 from infra.steps import read_archive_b64
 from tests.conftest import (
     PUBLIC_KEY,
+    ROOT,
     SENTINEL_PRIVATE_KEY,
     SENTINEL_REGISTRY_PASSWORD,
     SENTINEL_TOKEN,
@@ -74,8 +75,15 @@ def test_cloud_init_creates_deploy_and_locks_root(stack_run):
     sshd = next(f for f in doc["write_files"] if f["path"].startswith("/etc/ssh/sshd_config.d/"))
     assert "PermitRootLogin no" in sshd["content"] and "PasswordAuthentication no" in sshd["content"]
     assert doc["ssh_pwauth"] is False
-    # Both droplets get the same user data: it must not change per deploy (that replaces droplets).
-    assert len({d.plain("userData") for d in stack_run.mocks.of_type(DROPLET)}) == 1
+    # Each droplet's user data differs only by its own host key; it holds that key, so it is secret.
+    droplets = stack_run.mocks.of_type(DROPLET)
+    assert all(d.is_secret("userData") for d in droplets)
+    without_keys = []
+    for d in droplets:
+        doc = yaml.safe_load(d.plain("userData"))
+        assert set(doc.pop("ssh_keys")) == {"ed25519_private", "ed25519_public"}
+        without_keys.append(doc)
+    assert without_keys[0] == without_keys[1]
 
 
 def test_reserved_ip_created_with_region_only(stack_run):
@@ -107,7 +115,7 @@ def test_no_resource_can_move_the_reserved_ip(stack_run):
 
 def test_outputs_have_the_contract_names_and_shapes(stack_run):
     out = {k: v.value for k, v in stack_run.outputs.items()}
-    assert set(out) == {"reserved_ip", "app_url", "vpc_id", "nodes", "database_host", "database_uri"}
+    assert set(out) == {"reserved_ip", "app_url", "vpc_id", "nodes", "database_host", "database_uri", "known_hosts"}
     assert stack_run.outputs["database_uri"].secret
     assert out["app_url"] == "http://203.0.113.10/"
     assert set(out["nodes"]) == set(NODES)
@@ -347,3 +355,97 @@ def test_an_adopted_reserved_ip_held_by_another_droplet_is_refused_unless_taken_
     for mocks in (DoMocks(reserved_ip_holder=400000001, droplet_tags={400000001: ["minitwit-ha:test"]}),
                   DoMocks()):
         assert run_stack(cfg, mocks=mocks).outputs["reserved_ip"].value == "203.0.113.50"
+
+
+# ---------------------------------------------------------------------------------------------
+# day two: one node at a time, safe replacement, pinned host keys
+# ---------------------------------------------------------------------------------------------
+def test_droplets_ignore_replacing_drift_unless_a_node_is_rebuilt_on_purpose():
+    run = run_stack(base_config())
+    for node in NODES:
+        assert sorted(run.mocks.options[f"minitwit-test-{node}"].ignore_changes) == ["image", "sshKeys", "userData"]
+    rebuilt = run_stack(base_config(nodeOverrides={"standby": {"dropletImage": "ubuntu-24-04-x64",
+                                                               "dropletSize": "s-2vcpu-4gb"}}))
+    assert not rebuilt.mocks.options["minitwit-test-standby"].ignore_changes
+    assert sorted(rebuilt.mocks.options["minitwit-test-primary"].ignore_changes) == ["image", "sshKeys", "userData"]
+    standby, primary = rebuilt.mocks.named("minitwit-test-standby"), rebuilt.mocks.named("minitwit-test-primary")
+    assert (standby.plain("image"), standby.plain("size")) == ("ubuntu-24-04-x64", "s-2vcpu-4gb")
+    assert (primary.plain("image"), primary.plain("size")) == ("debian-12-x64", "s-1vcpu-2gb")
+
+
+def test_a_standby_only_override_changes_standby_resources_only():
+    def inputs(run):
+        return {r.name: repr(sorted((k, repr(unwrap(v))) for k, v in r.inputs.items())) for r in run.resources}
+
+    before = inputs(run_stack(base_config()))
+    after = inputs(run_stack(base_config(nodeOverrides={"standby": {"dropletSize": "s-2vcpu-4gb"}})))
+    assert sorted(n for n in before if before[n] != after[n]) == ["minitwit-test-standby"]
+
+
+def test_host_keys_are_generated_installed_and_pinned_on_every_connection(stack_run):
+    keys = {r.name: r for r in stack_run.mocks.of_type("tls:index/privateKey:PrivateKey")}
+    assert set(keys) == {"minitwit-test-primary-host-key", "minitwit-test-standby-host-key"}
+    assert {r.plain("algorithm") for r in keys.values()} == {"ED25519"}
+    known = stack_run.outputs["known_hosts"]
+    assert not known.secret
+    lines = known.value.splitlines()
+    nodes = stack_run.outputs["nodes"].value
+    assert [ln.split()[0] for ln in lines] == [nodes[n]["public_ipv4"] for n in NODES]
+    pinned = {}
+    for node in NODES:
+        user_data = yaml.safe_load(stack_run.mocks.named(f"minitwit-test-{node}").plain("userData"))
+        public = user_data["ssh_keys"]["ed25519_public"]
+        assert user_data["ssh_genkeytypes"] == [] and user_data["ssh_deletekeys"] is True
+        assert f"{nodes[node]['public_ipv4']} {public}" in lines
+        pinned[node] = public
+    remote = [r for r in stack_run.commands() if r.typ == REMOTE]
+    assert len(remote) >= 20
+    for r in remote:
+        node = "primary" if "-primary-" in r.name else "standby"
+        assert r.plain("connection")["hostKey"].strip() == pinned[node], r.name
+
+
+def test_each_droplet_has_one_retire_command_that_stops_it_before_the_peer_is_repointed(stack_run):
+    retire = [r for r in stack_run.commands() if r.name.endswith("-retire")]
+    assert sorted(r.name for r in retire) == ["minitwit-test-primary-retire", "minitwit-test-standby-retire"]
+    nodes = stack_run.outputs["nodes"].value
+    for r in retire:
+        node = r.name.split("-")[2]
+        assert [str(t) for t in r.plain("triggers")] == [str(nodes[node]["droplet_id"])]  # its droplet's ID only
+        delete = r.plain("delete")
+        stops = [delete.index(f"disable --now {unit}") for unit in ("minitwit-ha-reconcile", "keepalived", "haproxy")]
+        assert stops == sorted(stops)  # reconciler, keepalived, then HAProxy once the IP has left
+        assert stack_run.mocks.options[r.name].delete_before_replace
+    for node, peer in (("primary", "standby"), ("standby", "primary")):
+        for step in ("firewall", "haproxy", "keepalived"):
+            assert f"minitwit-test-{peer}-retire" in _depends_on(stack_run, f"minitwit-test-{node}-{step}")
+
+
+def test_no_input_carries_an_absolute_path_of_this_checkout(stack_run):
+    root = str(ROOT)
+    for r in stack_run.resources:
+        assert root not in repr(r.inputs), r.name
+    ready = stack_run.mocks.named("minitwit-test-ready")
+    assert ready.plain("dir") == "."
+    assert ready.plain("create").startswith(".venv/bin/python scripts/wait_ready.py ")
+
+
+def test_health_that_moves_the_ip_needs_no_database_by_default(stack_run):
+    conf = node_file(stack_run, "primary", "keepalived", "/etc/keepalived/keepalived.conf.new")
+    health = node_file(stack_run, "primary", "failover", "/etc/minitwit-ha/health.env")
+    cfg = node_file(stack_run, "primary", "haproxy", "/etc/haproxy/haproxy.cfg.new")
+    # keepalived asks HAProxy's monitor (up while any app server is), and HAProxy checks the apps by
+    # TCP connect: no check on the failover path reads the database.
+    assert re.search(r'script "/usr/libexec/minitwit-ha/mt-health serve"', conf)
+    assert "SERVE_URL=http://127.0.0.1:8404/minitwit-ha/serving\n" in health
+    assert "httpchk" not in cfg and "check inter 200ms" in cfg
+
+
+def test_app_version_seeds_each_nodes_env_and_the_app_step_drains_in_haproxy():
+    run = run_stack(base_config(appVersion="2024.06.1"))
+    for node in NODES:
+        env = node_file(run, node, "app", "/srv/minitwit/stack.env")
+        assert "MINITWIT_VERSION=2024.06.1" in env.splitlines()
+        create = run.mocks.named(f"minitwit-test-{node}-app").plain("create")
+        assert create.index("state drain") < create.index("up -d") < create.index("mt-health all")
+    assert "MINITWIT_VERSION" not in node_file(run_stack(base_config()), "primary", "app", "/srv/minitwit/stack.env")

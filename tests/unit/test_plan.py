@@ -130,7 +130,7 @@ def test_plan_lists_every_resource_with_type_parent_options_and_dependencies(pro
     db = resources.split("--- minitwit-prod-db\n")[1].split("\n\n")[0]
     assert "nodeCount: 2" in db and "size: db-s-1vcpu-2gb" in db and "version: 16" in db
     firewall = resources.split("--- minitwit-prod-db-firewall\n")[1].split("\n\n")[0]
-    assert firewall.count("- type: droplet") == 2
+    assert "- type: tag\n        value: minitwit-ha-prod" in firewall and "type: droplet" not in firewall
 
 
 def test_plan_shows_each_nodes_rendered_files_and_hides_secret_ones(prod_plan):
@@ -280,3 +280,33 @@ def test_staging_names_its_own_deploy_key_by_fingerprint_never_prods():
     staging = load(STAGING, "staging")
     assert staging.ssh_public_key is None and len(staging.ssh_key_fingerprints) == 1
     assert prods not in staging.ssh_key_fingerprints
+
+
+def changed_sections(before: str, after: str) -> set[str]:
+    """The plan sections (`--- RESOURCE`, `== files of NODE` ...) that hold a changed line."""
+    def owner(lines: list[str], index: int) -> str:
+        for line in reversed(lines[:index + 1]):
+            if line.startswith(("--- ", "== ")):
+                return line
+        return "(header)"
+
+    a, b = before.splitlines(), after.splitlines()
+    sections = set()
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if tag != "equal":
+            sections |= {owner(a, i) for i in range(i1, max(i2, i1 + 1)) if i < len(a)}
+            sections |= {owner(b, j) for j in range(j1, max(j2, j1 + 1)) if j < len(b)}
+    return sections
+
+
+def test_a_standby_only_override_changes_standby_resources_only(tmp_path, prod_plan):
+    """Two offline plans: nodeOverrides naming the standby touches the standby's droplet and nothing else."""
+    override = '{"standby": {"dropletSize": "s-2vcpu-4gb"}}'
+    after = plan.render_plan("prod", stack_file(tmp_path, "Pulumi.prod.yaml", nodeOverrides=override))
+    assert changed_sections(prod_plan, after) == {"--- minitwit-prod-standby"}
+    assert changed_lines(prod_plan, after) == ["-    size: s-1vcpu-2gb", "+    size: s-2vcpu-4gb"]
+    # A rebuild (its own image) also drops the standby's ignore_changes, still on the standby only.
+    rebuilt = plan.render_plan("prod", stack_file(tmp_path, "Pulumi.prod.yaml",
+                                                  nodeOverrides='{"standby": {"dropletImage": "ubuntu-24-04-x64"}}'))
+    assert changed_sections(prod_plan, rebuilt) == {"--- minitwit-prod-standby"}
+    assert "-  ignore_changes: image, sshKeys, userData" in changed_lines(prod_plan, rebuilt)

@@ -65,6 +65,7 @@ class Pair:
         other = "standby" if active == "primary" else "primary"
         self.nodes = {active: Node(active, "MASTER"), other: Node(other, "BACKUP")}
         self.holder: str | None = active
+        self.ids = dict(IDS)    # a reimaged node gets a new droplet ID
         self.health_delay = health_delay
         self.api_stuck = False
         self.api_errors = 0
@@ -170,7 +171,7 @@ class Pair:
             if self.api_errors:
                 self.api_errors -= 1
                 raise rollout.ApiError("GET /v2/reserved_ips/203.0.113.10: HTTP 500")
-            return IDS[self.holder] if self.holder else None
+            return self.ids[self.holder] if self.holder else None
 
     def probe(self):
         with self._lock:
@@ -581,3 +582,99 @@ def test_cli_help_documents_every_exit_code():
     for code in ("0 ", "1 ", "2 ", "3 ", "4 ", "130 "):
         assert f"\n  {code}" in proc.stdout
     assert "DIGITALOCEAN_TOKEN" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# resize / reimage: one node per `pulumi up`, standby first.
+
+
+class FakePulumi(rollout.PulumiCli):
+    """The Pulumi CLI against the simulated pair: `config set` keeps the stack's config, `up --target`
+    of one droplet reboots (resize) or replaces (reimage) that node, taking `up_seconds` of sim time."""
+
+    def __init__(self, pair: Pair, up_seconds: float = 60.0, fail_up_on: str | None = None) -> None:
+        super().__init__(["pulumi"], "prod", lambda _m: None)
+        self.pair, self.up_seconds, self.fail_up_on = pair, up_seconds, fail_up_on
+        self.config: dict[str, str] = {}
+        self.calls: list[tuple[str, ...]] = []
+        self.ups: list[tuple[str, dict, str | None]] = []   # (node, nodeOverrides, holder) at each up
+
+    def run(self, *args: str) -> str:
+        self.calls.append(args)
+        if args[:2] == ("config", "set"):
+            self.config[args[2]] = args[3]
+        elif args[0] == "up":
+            target = args[args.index("--target") + 1]
+            node = target.rsplit("-", 1)[1]
+            assert target == self.droplet_urn(node) and "--target-dependents" in args
+            self.ups.append((node, json.loads(self.config.get("nodeOverrides") or "{}"), self.pair.holder))
+            if node == self.fail_up_on:
+                raise rollout.PulumiFailed("`pulumi up` exited 255: error: resizing droplet: 422 unprocessable")
+            n = self.pair.nodes[node]
+            with self.pair._lock:
+                n.ready_at = self.pair.clock() + self.up_seconds + self.pair.health_delay  # down while it reboots
+                if "dropletImage" in json.loads(self.config.get("nodeOverrides") or "{}").get(node, {}):
+                    self.pair.ids[node] += 1000   # a new droplet: new ID, no flag, no lock
+                    n.flag, n.lock = False, None
+            for _ in range(int(self.up_seconds / 0.5)):
+                self.pair.step(0.5)
+        elif args[:2] == ("stack", "output"):
+            nodes = {n: {"droplet_id": self.pair.ids[n], "public_ipv4": f"192.0.2.{self.pair.ids[n] % 250}",
+                         "private_ipv4": "10.110.16.2"} for n in self.pair.nodes}
+            return json.dumps({"reserved_ip": "203.0.113.10", "app_url": "http://203.0.113.10/", "nodes": nodes})
+        return ""
+
+
+def do_rebuild(pair: Pair, command: str, value: str, **kw) -> tuple[int, list[str], FakePulumi, object]:
+    tool, lines = make_tool(pair, health_timeout=120.0)
+    cli = FakePulumi(pair, **kw)
+    rebuild = rollout.NodeRebuild(tool, cli)
+    code = tool.execute(command, lambda: rebuild.run(command, value))
+    return code, lines, cli, tool
+
+
+@pytest.mark.parametrize("command,key,value", [("resize", "dropletSize", "s-2vcpu-4gb"),
+                                               ("reimage", "dropletImage", "ubuntu-24-04-x64")])
+@pytest.mark.parametrize("active,standby", [("primary", "standby"), ("standby", "primary")])
+def test_resize_and_reimage_walk_the_standby_first_and_never_touch_both_nodes_in_one_up(
+        command, key, value, active, standby):
+    pair = Pair(active=active)
+    code, lines, cli, tool = do_rebuild(pair, command, value)
+    assert code == rollout.EXIT_OK, lines
+    # One node per `pulumi up`, the standby first, and never the node holding the reserved IP.
+    assert cli.ups == [(standby, {standby: {key: value}}, active), (active, {active: {key: value}}, standby)]
+    assert pair.commands(cmd="drain") == [(active, ("drain", OWNER))]
+    # Afterwards the stack-wide value is set and no override is left: a plain `up` changes nothing.
+    assert cli.config == {"nodeOverrides": "", key: value}
+    assert pair.holder == standby and pair.outage() == []
+    assert pair.nodes[active].state == "BACKUP" and pair.nodes[standby].state == "MASTER"
+    assert_clean(pair)
+    if command == "reimage":  # the tool follows the new droplets' IDs (the API names them)
+        assert tool.stack.droplets == {n: IDS[n] + 1000 for n in IDS}
+
+
+def test_a_failed_up_on_the_standby_leaves_the_active_node_untouched():
+    pair = Pair(active="primary")
+    code, lines, cli, _ = do_rebuild(pair, "resize", "s-2vcpu-4gb", fail_up_on="standby")
+    assert code == rollout.EXIT_FAILED, lines
+    assert [u[0] for u in cli.ups] == ["standby"]
+    assert pair.holder == "primary" and pair.commands(cmd="drain") == []
+    assert "The active node (primary) was not touched" in "\n".join(lines)
+    assert_clean(pair)
+
+
+def test_a_failed_up_on_the_former_active_is_degraded_and_says_so():
+    pair = Pair(active="primary")
+    code, lines, cli, _ = do_rebuild(pair, "resize", "s-2vcpu-4gb", fail_up_on="primary")
+    assert code == rollout.EXIT_DEGRADED, lines
+    assert [u[0] for u in cli.ups] == ["standby", "primary"]
+    assert pair.holder == "standby" and pair.outage() == []
+    assert "There is no working standby" in "\n".join(lines)
+
+
+def test_resize_needs_a_stack_and_a_slug(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIGITALOCEAN_TOKEN", "dop_v1_" + "0" * 64)
+    outputs = tmp_path / "out.json"
+    outputs.write_text("{}")
+    assert rollout.main(["resize", "--size", "s-2vcpu-4gb", "--outputs", str(outputs)]) == rollout.EXIT_USAGE
+    assert rollout.main(["reimage", "--image", "Bad Image!", "--stack", "prod"]) == rollout.EXIT_USAGE

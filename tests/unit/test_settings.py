@@ -104,6 +104,18 @@ BAD_INPUTS = [
     ({"database": "external"}, "minitwit-ha:databaseUri", "required with database=external"),
     ({"databaseNodeCount": 5}, "minitwit-ha:databaseNodeCount", "1 to 3"),
     ({"regoin": "fra1"}, "minitwit-ha:regoin", "did you mean region"),
+    ({"nodeOverrides": "standby=s-2vcpu-4gb"}, "minitwit-ha:nodeOverrides", "is not JSON"),
+    ({"nodeOverrides": {"backup": {"dropletSize": "s-2vcpu-4gb"}}}, "minitwit-ha:nodeOverrides.backup",
+     "use primary or standby"),
+    ({"nodeOverrides": {"standby": {"dropletSize": "huge"}}}, "minitwit-ha:nodeOverrides.standby.dropletSize",
+     "not a droplet size slug"),
+    ({"nodeOverrides": {"standby": {"dropletImage": "centos-7"}}}, "minitwit-ha:nodeOverrides.standby.dropletImage",
+     "debian-12-x64"),
+    ({"nodeOverrides": {"standby": {"region": "ams3"}}}, "minitwit-ha:nodeOverrides.standby",
+     "region cannot be set per node"),
+    ({"nodeOverrides": {n: {"dropletSize": "s-2vcpu-4gb"} for n in ("primary", "standby")}},
+     "minitwit-ha:nodeOverrides", "one node at a time"),
+    ({"appVersion": "v1 beta"}, "minitwit-ha:appVersion", "not a docker tag"),
 ]
 
 
@@ -280,3 +292,19 @@ def test_alert_webhook_url_is_an_optional_https_secret():
     with pytest.raises(SettingsError) as e:
         load(base_config(alertWebhookUrl=url), secret_keys=frozenset({"sshPrivateKey", "failoverToken"}))
     assert "was set in plaintext" in str(e.value) and "SENTINEL-hook" not in str(e.value)
+
+
+def test_node_overrides_apply_to_one_node_and_say_which_is_rebuilt():
+    s = load_settings(DictSource(base_config(nodeOverrides={"standby": {"dropletSize": "s-2vcpu-4gb",
+                                                                        "dropletImage": "ubuntu-24-04-x64"}}),
+                                 SECRET_KEYS), stack="test", project_dir=ROOT)
+    assert (s.node_size("standby"), s.node_image("standby")) == ("s-2vcpu-4gb", "ubuntu-24-04-x64")
+    assert (s.node_size("primary"), s.node_image("primary")) == ("s-1vcpu-2gb", "debian-12-x64")
+    assert s.rebuilds("standby") and not s.rebuilds("primary")
+    # A size alone resizes in place: no rebuild.
+    size_only = load_settings(DictSource(base_config(nodeOverrides='{"primary": {"dropletSize": "s-2vcpu-4gb"}}'),
+                                         SECRET_KEYS), stack="test", project_dir=ROOT)
+    assert size_only.node_size("primary") == "s-2vcpu-4gb" and not size_only.rebuilds("primary")
+    # Empty (the default) and an app version.
+    plain = load_settings(DictSource(base_config(appVersion="2024.06.1"), SECRET_KEYS), stack="test", project_dir=ROOT)
+    assert plain.node_overrides == {} and plain.app_version == "2024.06.1"

@@ -251,6 +251,7 @@ def test_the_step_scripts_are_shellcheck_clean(tmp_path):
         "wait": steps.wait_command(), "secret": steps.secret_file_command(paths.token_file),
         "failover": steps.failover_command(paths), "firewall": steps.firewall_command(paths, ("198.51.100.0/24",)),
         "keepalived": steps.keepalived_command(paths), "app": steps.app_command(paths, "minitwit"),
+        "retire": steps.retire_command(paths), "retire-armed": steps.retire_armed_command(),
         "haproxy": steps.haproxy_command(paths),
         "registry": steps.registry_login_command("registry.digitalocean.com", "ci"),
         "db-grants": grants_command("private-db.example.invalid", 25060, "doadmin"),
@@ -259,3 +260,130 @@ def test_the_step_scripts_are_shellcheck_clean(tmp_path):
         script.write_text("#!/bin/sh\n" + text)
         proc = subprocess.run(["shellcheck", "-s", "sh", str(script)], capture_output=True, text=True)
         assert proc.returncode == 0, f"{name}:\n{proc.stdout}"
+
+
+class FakeHaproxyAdmin:
+    """HAProxy's admin socket, as far as the app step uses it: `show stat` (CSV with the peer's status
+    and the local server's current sessions) and `set server`. Records every command it got."""
+
+    def __init__(self, path: str, peer_status: str = "UP") -> None:
+        import socket
+        import threading
+
+        self.commands: list[str] = []
+        self.peer_status, self.local_state = peer_status, "ready"
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(path)
+        self.sock.listen(8)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                line = conn.recv(4096).decode().strip()
+                self.commands.append(line)
+                if line == "show stat":
+                    local = "DRAIN" if self.local_state == "drain" else "UP"
+                    row = ",".join(["app", "{name}", "0", "0", "0"] + ["0"] * 12 + ["{status}"])
+                    conn.sendall((row.format(name="local", status=local) + "\n"
+                                  + row.format(name="peer", status=self.peer_status) + "\n").encode())
+                elif line.startswith("set server app/local state "):
+                    self.local_state = line.rsplit(" ", 1)[1]
+                    conn.sendall(b"\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _healthy(node, exit_code: int = 0) -> None:
+    health = Path(node.paths.script("mt-health"))
+    health.parent.mkdir(parents=True, exist_ok=True)
+    health.write_text(f'#!/bin/sh\necho "mt-health $*" >> "$STUB_LOG"\nexit {exit_code}\n')
+    health.chmod(0o755)
+
+
+@pytest.mark.parametrize("healthy", [True, False])
+def test_app_step_drains_the_local_app_in_haproxy_while_compose_restarts_it(node, healthy):
+    """The peer's app serves while this one restarts: no failover; ready again even when the step fails."""
+    _healthy(node, 0 if healthy else 1)
+    admin = FakeHaproxyAdmin(node.paths.haproxy_admin_socket)
+    try:
+        command = steps.app_command(node.paths, "minitwit", health_timeout_s=2)
+        proc = node.run(command, steps.archive_b64(files_for_step(node.files, STEP_APP)))
+    finally:
+        admin.close()
+    assert proc.returncode == (0 if healthy else 1), proc.stderr
+    sets = [c for c in admin.commands if c.startswith("set server")]
+    assert sets == ["set server app/local state drain", "set server app/local state ready"]
+    assert admin.local_state == "ready"
+    assert "drained; the peer's app serves" in proc.stdout
+
+
+def test_app_step_does_not_drain_when_the_peers_app_is_down(node):
+    _healthy(node)
+    admin = FakeHaproxyAdmin(node.paths.haproxy_admin_socket, peer_status="DOWN")
+    try:
+        proc = node.run(steps.app_command(node.paths, "minitwit"), steps.archive_b64(files_for_step(node.files, STEP_APP)))
+    finally:
+        admin.close()
+    assert proc.returncode == 0, proc.stderr
+    assert [c for c in admin.commands if c.startswith("set server")] == []
+    assert "the peer's app is DOWN: restarting the local app undrained" in proc.stderr
+
+
+def test_app_version_only_seeds_a_node_without_one(node):
+    from dataclasses import replace
+
+    files = files_for_step(render_node_files(replace(node.facts, app_version="v9"), compose_text="services: {}\n"),
+                           STEP_APP)
+    _healthy(node)
+    dotenv = Path(node.paths.compose_dotenv)
+    dotenv.parent.mkdir(parents=True, exist_ok=True)
+    command = steps.app_command(node.paths, "minitwit")
+    # A new or replaced node: no .env yet, so it starts on appVersion (its peer's version).
+    assert node.run(command, steps.archive_b64(files)).returncode == 0
+    assert "MINITWIT_VERSION=v9" in dotenv.read_text().splitlines()
+    # A running node keeps what the rollout wrote.
+    dotenv.write_text("MINITWIT_VERSION=v10\nOTHER=kept\n")
+    assert node.run(command, steps.archive_b64(files)).returncode == 0
+    lines = [ln for ln in dotenv.read_text().splitlines() if not ln.startswith("#")]
+    assert lines.count("MINITWIT_VERSION=v10") == 1 and "MINITWIT_VERSION=v9" not in lines and "OTHER=kept" in lines
+
+
+def test_retire_stops_the_reconciler_and_keepalived_then_haproxy_once_the_ip_has_left(node, tmp_path):
+    import http.server
+    import threading
+
+    answers = iter(["true", "true", "false"])  # the metadata service: the IP leaves on the third poll
+
+    class Metadata(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # http.server's naming
+            body = next(answers, "false").encode() if self.path.endswith("/reserved_ip/ipv4/active") else b""
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = Path(node.paths.failover_env)
+    env.parent.mkdir(parents=True, exist_ok=True)
+    env.write_text(f"METADATA_URL=http://127.0.0.1:{server.server_port}/metadata/v1\n")
+    try:
+        proc = node.run(steps.retire_command(node.paths, release_timeout_s=10), "")
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr
+    assert node.calls() == [
+        "systemctl disable --now minitwit-ha-reconcile.service minitwit-ha-healthwatch.service",
+        "systemctl disable --now keepalived",
+        "systemctl disable --now haproxy",
+    ]
+    assert next(answers, None) is None  # HAProxy stopped only after the third poll said "false"
