@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import yaml
 
-from infra.offline import unwrap
+from infra.offline import DoMocks, unwrap
 from infra.steps import read_archive_b64
 from tests.conftest import (
     PUBLIC_KEY,
@@ -68,11 +68,16 @@ def test_cloud_init_creates_deploy_and_locks_root(stack_run):
     user_data = stack_run.mocks.of_type(DROPLET)[0].plain("userData")
     assert user_data.startswith("#cloud-config\n")
     doc = yaml.safe_load(user_data)
-    deploy = doc["users"][0]
+    deploy, provision = doc["users"]
     assert deploy["name"] == "deploy" and deploy["ssh_authorized_keys"] == [PUBLIC_KEY]
-    assert "sudo" in deploy["groups"]
+    # deploy is not root: no sudo group (Debian's %sudo is ALL), no cloud-init sudo rule.
+    assert "groups" not in deploy and "sudo" not in deploy
+    # provision holds the stack's generated key (DoMocks' tls:PrivateKey), nothing else.
+    assert provision["name"] == "provision"
+    assert provision["ssh_authorized_keys"] == [DoMocks().provision_key[1].strip()]
     sshd = next(f for f in doc["write_files"] if f["path"].startswith("/etc/ssh/sshd_config.d/"))
     assert "PermitRootLogin no" in sshd["content"] and "PasswordAuthentication no" in sshd["content"]
+    assert "AllowUsers deploy provision\n" in sshd["content"]
     assert doc["ssh_pwauth"] is False
     # Both droplets get the same user data: it must not change per deploy (that replaces droplets).
     assert len({d.plain("userData") for d in stack_run.mocks.of_type(DROPLET)}) == 1
@@ -347,3 +352,42 @@ def test_an_adopted_reserved_ip_held_by_another_droplet_is_refused_unless_taken_
     for mocks in (DoMocks(reserved_ip_holder=400000001, droplet_tags={400000001: ["minitwit-ha:test"]}),
                   DoMocks()):
         assert run_stack(cfg, mocks=mocks).outputs["reserved_ip"].value == "203.0.113.50"
+
+
+def test_no_rendered_file_lets_deploy_become_root(stack_run):
+    """Everything that lands on a node: user data (sudoers, sshd) and every step's files."""
+    doc = yaml.safe_load(stack_run.mocks.of_type(DROPLET)[0].plain("userData"))
+    texts = [f["content"] for f in doc["write_files"]]
+    for r in stack_run.commands():
+        stdin = unwrap(r.inputs.get("stdin"))
+        if stdin and r.name.endswith(("-failover", "-firewall", "-keepalived", "-app", "-haproxy")):
+            texts += [text for _, text in read_archive_b64(stdin).values()]
+    rules = [line for text in texts for line in text.splitlines()
+             if re.match(r"\s*(deploy|%sudo|ALL)\s", line) or "NOPASSWD" in line and not line.lstrip().startswith("#")]
+    assert rules == ["deploy ALL=(root) NOPASSWD: NOSETENV: MTHA_DEPLOY, MTHA_STATUS"]
+    sudoers = next(f["content"] for f in doc["write_files"] if f["path"] == "/etc/sudoers.d/minitwit-ha-deploy")
+    assert "Cmnd_Alias MTHA_DEPLOY = /usr/libexec/minitwit-ha/mt-deploy\n" in sudoers
+    assert "Cmnd_Alias MTHA_STATUS = /usr/libexec/minitwit-ha/mt-failover status\n" in sudoers
+    # Root through sudo only for provision, whose key only the stack holds (cloud-init's sudo: key).
+    assert [u.get("sudo") for u in doc["users"]] == [None, "ALL=(root) NOPASSWD:ALL"]
+
+
+def test_provisioning_logs_in_as_provision_with_the_generated_key(stack_run):
+    keys = stack_run.mocks.of_type("tls:index/privateKey:PrivateKey")
+    assert [k.plain("algorithm") for k in keys] == ["ED25519"]
+    remote = [r for r in stack_run.commands() if r.typ == "command:remote:Command"]
+    assert remote
+    for r in remote:
+        conn = r.plain("connection")
+        assert conn["user"] == "provision", r.name
+        assert conn["privateKey"] == DoMocks().provision_key[0], r.name
+
+
+def test_the_app_starts_only_after_the_firewall_keeps_containers_off_the_metadata_service(stack_run):
+    for node in ("primary", "standby"):
+        deps = {getattr(d, "_name", None) for d in stack_run.mocks.options[f"minitwit-test-{node}-app"].depends_on}
+        assert f"minitwit-test-{node}-firewall" in deps
+        rules = node_file(stack_run, node, "firewall", "/etc/nftables.conf")
+        forward = rules[rules.index("chain forward"):]
+        assert "policy drop;" in forward
+        assert forward.index("ip daddr 169.254.169.254 counter drop") < forward.index("ct state established")
