@@ -142,8 +142,8 @@ class SharedDatabase:
         self.ca_certificate: Output[str] = Output.from_input("")
         sslmode = db.sslmode
         if sslmode == "require" and db.mode != "none":
-            pulumi.log.warn(f"databaseSslMode=require: the app encrypts its database connection but does not check "
-                            f"who answers; use verify-full (or verify-ca) unless your server's CA cannot be had")
+            pulumi.log.warn("databaseSslMode=require: the app encrypts its database connection but does not check "
+                            "who answers; use verify-full (or verify-ca) unless your server's CA cannot be had")
         if db.mode == "managed":
             self.cluster = do.DatabaseCluster(
                 f"{name}-db",

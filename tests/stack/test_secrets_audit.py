@@ -2,16 +2,16 @@
 
 Each secret may appear in exactly one kind of place: its own destination (stdin of the command
 that installs it 0600 on a node, or the SSH connection for the provisioning key), always marked
-secret so the state encrypts it. The deploy key (sshPrivateKey) has no home at all: `pulumi up`
-provisions with its own generated key, so the deploy key is in no resource. Nowhere else: not in a command line, an environment, a trigger,
-a rendered file, user data, or a plain stack output.
+secret so the state encrypts it. Nowhere else: not in a command line, an environment, a trigger,
+a rendered file, user data, or a plain stack output. The deploy key (sshPrivateKey) has no home
+at all: `pulumi up` provisions with its own generated key, so the deploy key is in no resource.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from infra.offline import DoMocks, unwrap
+from infra.offline import unwrap
 from tests.conftest import (
     SENTINEL_DB_URI,
     SENTINEL_PRIVATE_KEY,
