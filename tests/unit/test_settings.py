@@ -103,6 +103,14 @@ BAD_INPUTS = [
     ({"database": "sqlite"}, "minitwit-ha:database", "managed, external or none"),
     ({"database": "external"}, "minitwit-ha:databaseUri", "required with database=external"),
     ({"databaseNodeCount": 5}, "minitwit-ha:databaseNodeCount", "1 to 3"),
+    ({"databaseSslMode": "disable"}, "minitwit-ha:databaseSslMode", "verify-full (checks the CA and the host name)"),
+    # external: the URI must verify at least as strictly as databaseSslMode asks (default verify-full).
+    ({"database": "external", "databaseUri": "postgresql://u:p@db.example:5432/app"},
+     "minitwit-ha:databaseUri", "sslmode=prefer (the default), which does not verify"),
+    ({"database": "external", "databaseUri": "postgresql://u:p@db.example:5432/app?sslmode=require"},
+     "minitwit-ha:databaseUri", "sslmode=require, which does not verify the server as databaseSslMode=verify-full"),
+    ({"database": "external", "databaseUri": "postgresql://u:p@db.example:5432/app?sslmode=verify-ca",
+      "databaseSslMode": "verify-full"}, "minitwit-ha:databaseUri", "add ?sslmode=verify-full&sslrootcert="),
     ({"regoin": "fra1"}, "minitwit-ha:regoin", "did you mean region"),
 ]
 
@@ -280,3 +288,21 @@ def test_alert_webhook_url_is_an_optional_https_secret():
     with pytest.raises(SettingsError) as e:
         load(base_config(alertWebhookUrl=url), secret_keys=frozenset({"sshPrivateKey", "failoverToken"}))
     assert "was set in plaintext" in str(e.value) and "SENTINEL-hook" not in str(e.value)
+
+
+@pytest.mark.parametrize("uri_mode,setting", [("verify-full", "verify-full"), ("verify-full", "verify-ca"),
+                                              ("verify-ca", "verify-ca"), ("require", "require"),
+                                              (None, "require")])
+def test_external_uri_tls_at_least_as_strict_as_the_setting_loads(uri_mode, setting):
+    uri = "postgresql://u:SECRET-pw@db.example:5432/app" + (f"?sslmode={uri_mode}" if uri_mode else "")
+    s = load(base_config(database="external", databaseUri=uri, databaseSslMode=setting))
+    assert s.database.sslmode == setting and s.database.uri.reveal() == uri
+
+
+def test_a_refused_external_uri_is_never_echoed():
+    message = problems_for(base_config(database="external", databaseUri="postgresql://u:SECRET-pw@db.example/app"))
+    assert "SECRET-pw" not in message and "db.example" not in message
+
+
+def test_database_tls_defaults_to_verify_full():
+    assert load(base_config(database="managed")).database.sslmode == "verify-full"
