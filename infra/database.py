@@ -35,14 +35,11 @@ import pulumi
 import pulumi_digitalocean as do
 from pulumi import Output, ResourceOptions
 
-from infra.settings import Settings
+from infra.settings import DB_CA_FILE, Settings
 from infra.steps import digest as _digest
 
 APP_DB = "minitwit"
 APP_USER = "minitwit"
-# The managed cluster's CA on each node, and inside the app's container at the same path (the
-# compose file mounts it), so one URI is right in both places.
-DB_CA_FILE = "/etc/minitwit-ha/db-ca.crt"
 NONE_WARNING = ("database=none: each node uses its compose file's own database, so after a failover the "
                 "other node serves a different, older data set. Use database=managed (or external) for one "
                 "shared database.")

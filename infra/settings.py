@@ -663,6 +663,11 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
     router_id = r.integer("vrrpRouterId", 1, 255)
 
     database = _read_database(r)
+    if (database.mode == "managed" and database.sslmode in _DB_SSL_STRENGTH and compose.text
+            and DB_CA_FILE not in compose.text):
+        r.fail("composeFile", f"does not mount the database's CA, which the app needs to verify the managed "
+                              f"cluster (databaseSslMode={database.sslmode}); add to the app's service: "
+                              f'volumes: ["{DB_CA_FILE}:{DB_CA_FILE}:ro"]')
 
     if r.problems:
         raise SettingsError(r.problems, stack)
@@ -681,6 +686,9 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
 
 
 _DB_SIZE_RE = re.compile(r"^db-[a-z0-9]+(-[a-z0-9]+)+$")
+# The managed cluster's CA on each node and, mounted at the same path, in the app's container
+# (infra/database.py ships it; DATABASE_URL's sslrootcert names it).
+DB_CA_FILE = "/etc/minitwit-ha/db-ca.crt"
 # databaseSslMode: libpq's modes that check the server, plus `require` (encrypts, checks nothing),
 # which is allowed only when asked for by name (the program then warns on every run).
 DB_SSL_MODES = ("verify-full", "verify-ca", "require")

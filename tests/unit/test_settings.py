@@ -306,3 +306,15 @@ def test_a_refused_external_uri_is_never_echoed():
 
 def test_database_tls_defaults_to_verify_full():
     assert load(base_config(database="managed")).database.sslmode == "verify-full"
+
+
+def test_managed_database_needs_the_compose_file_to_mount_its_ca(tmp_path):
+    compose = tmp_path / "compose.yaml"
+    compose.write_text((ROOT / "deploy" / "compose.yaml").read_text().replace(
+        "      - /etc/minitwit-ha/db-ca.crt:/etc/minitwit-ha/db-ca.crt:ro\n", ""))
+    message = problems_for(base_config(database="managed", composeFile=str(compose)))
+    assert "minitwit-ha:composeFile: does not mount the database's CA" in message
+    assert 'volumes: ["/etc/minitwit-ha/db-ca.crt:/etc/minitwit-ha/db-ca.crt:ro"]' in message
+    # Nothing to verify, nothing to mount: database=none, or TLS explicitly unverified.
+    load(base_config(database="none", composeFile=str(compose)))
+    load(base_config(database="managed", databaseSslMode="require", composeFile=str(compose)))
