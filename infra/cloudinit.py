@@ -48,8 +48,8 @@ APT::Periodic::Unattended-Upgrade "1";
 def render_deploy_sudoers(paths: Sequence[NodePaths] = (NodePaths(),), user: str = DEPLOY_USER) -> str:
     """The sudoers file for `deploy`: the node scripts it may run as root, nothing else. One file
     for the droplets (one node, no prefix) and the lab (both nodes' prefixed scripts)."""
-    deploy = ", ".join(p.script("mt-deploy") for p in paths)
-    status = ", ".join(f"{p.script('mt-failover')} status" for p in paths)
+    commands = [p.script("mt-deploy") for p in paths] + [f"{p.script('mt-failover')} status" for p in paths]
+    # No Cmnd_Alias: two files defining the same alias (two labs on one host) break sudo.
     return f"""\
 # minitwit-ha: what `{user}` (rollouts, operators) may run as root, and nothing else.
 # Rendered by infra/cloudinit.py; checked with `visudo -c`.
@@ -57,9 +57,7 @@ def render_deploy_sudoers(paths: Sequence[NodePaths] = (NodePaths(),), user: str
 # settings from root-owned files). NOSETENV: `sudo VAR=x mt-deploy` is refused, so no caller
 # can point a script at files of its own. `mt-failover` only with `status` (read-only).
 Defaults:{user} env_reset
-Cmnd_Alias MTHA_DEPLOY = {deploy}
-Cmnd_Alias MTHA_STATUS = {status}
-{user} ALL=(root) NOPASSWD: NOSETENV: MTHA_DEPLOY, MTHA_STATUS
+{user} ALL=(root) NOPASSWD: NOSETENV: {", ".join(commands)}
 """
 
 
