@@ -108,7 +108,10 @@ def _timeout(opts) -> float:
 
 
 def collect(config: dict, secret_keys: frozenset[str], api_url: str, stack: str = "twins") -> Collected:
-    mocks = TwinMocks(vpc_range=config.get("vpcIpRange", "10.110.16.0/24"), reserved_ip=config["_reserved_ip"])
+    twins = Twins()
+    # The stack's generated provisioning key is the twins' key here, so the steps can log in as `provision`.
+    mocks = TwinMocks(vpc_range=config.get("vpcIpRange", "10.110.16.0/24"), reserved_ip=config["_reserved_ip"],
+                      provision_key=(twins.key.read_text(), twins.public_key))
     values = {k: v for k, v in config.items() if not k.startswith("_")}
     source = DictSource(values, secret_keys)
     with api_urls(api_url, f"{api_url}/metadata/v1"):
