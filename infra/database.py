@@ -11,6 +11,15 @@
 Whatever the mode, each node gets the result as DATABASE_URL in a root-only 0600 env file
 (/srv/minitwit/app.env, read by the compose services); the URI stays a secret Output end to end.
 
+TLS is verified, not just used: `sslmode=require` encrypts but accepts any certificate, so anyone
+on the path could answer as the database. A managed cluster's certificates are signed by its
+project's own CA (the provider's `getDatabaseCa` data source); the stack ships that CA to every
+node as DB_CA_FILE (public data, 0644, mounted at the same path into the app's container) and the
+URI says `sslmode=verify-full&sslrootcert=DB_CA_FILE`, so libpq checks the CA and the host name.
+The provider and DigitalOcean's docs do not say whether the cluster's private host name
+(`private-...`) is in the certificate; if a cluster's is not, `databaseSslMode: verify-ca` still
+pins the project CA (the CA is per project, so no other server holds a certificate it signed).
+
 Rights, as DigitalOcean gives them: the cluster's `doadmin` owns the databases the API creates,
 and a user created through the API is a plain login role. On PostgreSQL 15+ only the database
 owner may create in `public`, so the app user could neither create its tables nor read tables
@@ -28,7 +37,7 @@ import pulumi
 import pulumi_digitalocean as do
 from pulumi import Output, ResourceOptions
 
-from infra.settings import Settings
+from infra.settings import DB_CA_FILE, Settings
 from infra.steps import digest as _digest
 
 APP_DB = "minitwit"
@@ -81,10 +90,19 @@ COMMIT;
 """
 
 
+def _tls_params(sslmode: str) -> dict[str, str]:
+    """libpq's TLS parameters: the CA file whenever the mode verifies."""
+    params = {"sslmode": sslmode}
+    if sslmode.startswith("verify-"):
+        params["sslrootcert"] = DB_CA_FILE
+    return params
+
+
 def grants_command(host: str, port: int | str, admin_user: str, db: str = APP_DB, user: str = APP_USER,
-                   sslmode: str = "require") -> str:
+                   sslmode: str = "verify-full") -> str:
     """The remote command: stdin is the admin password on its first line, then grant_sql()."""
-    conninfo = (f"host={host} port={port} user={admin_user} dbname={db} sslmode={sslmode} "
+    tls = " ".join(f"{k}={v}" for k, v in _tls_params(sslmode).items())
+    conninfo = (f"host={host} port={port} user={admin_user} dbname={db} {tls} "
                 "connect_timeout=10 application_name=minitwit-ha-grants")
     return "\n".join([
         "set -eu",
@@ -111,9 +129,9 @@ class GrantsStep:
     depends_on: list
 
 
-def managed_uri(user: str, password: str, host: str, port: int | str, db: str) -> str:
-    return (f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(db, safe='')}"
-            "?sslmode=require")
+def managed_uri(user: str, password: str, host: str, port: int | str, db: str, sslmode: str = "verify-full") -> str:
+    query = "&".join(f"{k}={quote(v, safe='/')}" for k, v in _tls_params(sslmode).items())
+    return f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(db, safe='')}?{query}"
 
 
 class SharedDatabase:
@@ -125,6 +143,13 @@ class SharedDatabase:
         self.cluster = None
         self.firewall = None
         self.grants: GrantsStep | None = None  # managed only: external/none rights are the user's
+        # Always shipped (empty without a managed cluster), so the compose file's mount of it
+        # never makes Docker create a directory in its place.
+        self.ca_certificate: Output[str] = Output.from_input("")
+        sslmode = db.sslmode
+        if sslmode == "require" and db.mode != "none":
+            pulumi.log.warn("databaseSslMode=require: the app encrypts its database connection but does not check "
+                            "who answers; use verify-full (or verify-ca) unless your server's CA cannot be had")
         if db.mode == "managed":
             self.cluster = do.DatabaseCluster(
                 f"{name}-db",
@@ -151,19 +176,21 @@ class SharedDatabase:
                 rules=[do.DatabaseFirewallRuleArgs(type="tag", value=db_client_tag(settings.stack))],
                 opts=ResourceOptions(parent=parent, depends_on=list(droplets)),
             )
+            self.ca_certificate = do.get_database_ca_output(cluster_id=self.cluster.id).certificate
             uri = Output.all(self.user.name, self.user.password, self.cluster.private_host, self.cluster.port,
-                             self.database.name).apply(lambda v: managed_uri(*v))
+                             self.database.name).apply(lambda v: managed_uri(*v, sslmode=sslmode))
             self.app_env: Output[str] = Output.secret(uri.apply(app_env_text))
             self.host: Output[str] = self.cluster.private_host
             # The same user and database over the cluster's public host: what an operator's
             # migration (`migrate_db.py --to stack:NAME`) connects to from outside the VPC.
             self.app_uri: Output[str] = Output.secret(Output.all(
                 self.user.name, self.user.password, self.cluster.host, self.cluster.port, self.database.name,
-            ).apply(lambda v: managed_uri(*v)))
+            # `require`, not verify-*: the operator's laptop has no DB_CA_FILE (the nodes do).
+            ).apply(lambda v: managed_uri(*v, sslmode="require")))
             sql = grant_sql()
             self.grants = GrantsStep(
                 create=Output.all(self.cluster.private_host, self.cluster.port, self.cluster.user).apply(
-                    lambda v: grants_command(*v)),
+                    lambda v: grants_command(*v, sslmode=sslmode)),
                 stdin=Output.secret(Output.concat(self.cluster.password, "\n", sql)),
                 triggers=[self.cluster.id, self.database.name, self.user.name, _digest(sql)],
                 depends_on=[self.database, self.user],

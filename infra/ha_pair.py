@@ -34,8 +34,8 @@ from pulumi import Output, ResourceOptions
 
 from infra import steps
 from infra.adopt import stack_tag
-from infra.cloudinit import HostKey, render_cloud_init
-from infra.database import GrantsStep, SharedDatabase, db_client_tag
+from infra.cloudinit import PROVISION_USER, HostKey, render_cloud_init
+from infra.database import DB_CA_FILE, GrantsStep, SharedDatabase, db_client_tag
 from infra.haproxy import HaproxyFacts
 from infra.node import (
     REPO_ROOT,
@@ -109,6 +109,9 @@ class HaPair(pulumi.ComponentResource):
             self.ssh_key = do.SshKey(f"{name}-deploy-key", public_key=s.ssh_public_key, opts=child_opts)
             key_refs.append(self.ssh_key.fingerprint)
 
+        # The provisioning identity's key: generated here, so it lives only in the stack's state
+        # (a secret) and only `pulumi up` uses it; `deploy`'s key (rollouts) cannot become root.
+        self.provision_key = tls.PrivateKey(f"{name}-provision-key", algorithm="ED25519", opts=child_opts)
         self.host_keys: dict[str, tls.PrivateKey] = {}
         self.droplets: dict[str, do.Droplet] = {}
         for node in NODES:
@@ -116,8 +119,9 @@ class HaPair(pulumi.ComponentResource):
             # replaced droplet: the new one gets the same key, and known_hosts stays valid.
             key = tls.PrivateKey(f"{name}-{node}-host-key", algorithm="ED25519", opts=child_opts)
             self.host_keys[node] = key
-            user_data = Output.secret(Output.all(key.private_key_openssh, key.public_key_openssh).apply(
-                lambda k: render_cloud_init(s.ssh_public_key, HostKey(private=k[0], public=k[1]))))
+            user_data = Output.secret(Output.all(key.private_key_openssh, key.public_key_openssh,
+                                                 self.provision_key.public_key_openssh).apply(
+                lambda k: render_cloud_init(s.ssh_public_key, k[2], HostKey(private=k[0], public=k[1]))))
             self.droplets[node] = do.Droplet(
                 f"{name}-{node}",
                 name=_hostname(name, node),
@@ -154,7 +158,8 @@ class HaPair(pulumi.ComponentResource):
             peer = "standby" if node == "primary" else "primary"
             self.node_chains[node] = NodeChain(
                 name=f"{name}-{node}", node=node, settings=s, droplet=self.droplets[node],
-                peer=self.droplets[peer], host_key=self.host_keys[node].public_key_openssh, parent=self)
+                peer=self.droplets[peer], host_key=self.host_keys[node].public_key_openssh,
+                provision_key=self.provision_key.private_key_openssh, parent=self)
         app_after: list[pulumi.Resource] = []
         for node in ("standby", "primary"):  # app step: standby first, then primary
             peer = "standby" if node == "primary" else "primary"
@@ -162,6 +167,7 @@ class HaPair(pulumi.ComponentResource):
             chain.provision(
                 reserved_ip=self.reserved_ip.ip_address, app_env=self.database.app_env, repo_root=args.repo_root,
                 app_after=list(app_after), peer_retire=self.node_chains[peer].retire,
+                db_ca=self.database.ca_certificate,
                 # The app user's rights, granted once from the node whose app starts first.
                 db_grants=self.database.grants if not app_after else None,
             )
@@ -221,14 +227,14 @@ class NodeChain:
     then `provision`: bootstrap -> token/failover/firewall -> app -> HAProxy -> keepalived."""
 
     def __init__(self, *, name: str, node: str, settings: Settings, droplet: do.Droplet, peer: do.Droplet,
-                 host_key: Output[str], parent: pulumi.Resource) -> None:
+                 host_key: Output[str], provision_key: Output[str], parent: pulumi.Resource) -> None:
         s = settings
         self.name, self.node, self.settings, self.droplet, self.peer, self.parent = name, node, s, droplet, peer, parent
         self.paths = NodePaths()
 
         def connection(dial_error_limit: int) -> command.remote.ConnectionArgs:
             return command.remote.ConnectionArgs(
-                host=droplet.ipv4_address, user=DEPLOY_USER, private_key=Output.secret(s.ssh_private_key.reveal()),
+                host=droplet.ipv4_address, user=PROVISION_USER, private_key=Output.secret(provision_key),
                 dial_error_limit=dial_error_limit, per_dial_timeout=10,
                 # Pinned: the key the stack generated and cloud-init installed, never whatever answers.
                 host_key=host_key,
@@ -254,15 +260,15 @@ class NodeChain:
 
     def provision(self, *, reserved_ip: Output[str], app_env: Output[str], repo_root: Path,
                   app_after: list[pulumi.Resource], peer_retire: pulumi.Resource,
-                  db_grants: GrantsStep | None = None) -> None:
+                  db_grants: GrantsStep | None = None, db_ca: Output[str] | None = None) -> None:
         s, name, node, droplet, peer, parent = self.settings, self.name, self.node, self.droplet, self.peer, self.parent
         paths, steady_conn = self.paths, self.steady_conn
 
-        def secret_file(step: str, path: str, content: pulumi.Input[str]) -> command.remote.Command:
-            """Write `content` to `path` on the node, 0600 root from the first byte, via stdin only."""
+        def secret_file(step: str, path: str, content: pulumi.Input[str], mode: str = "0600") -> command.remote.Command:
+            """Write `content` to `path` on the node, root and `mode` from the first byte, via stdin only."""
             secret = Output.secret(content)
             return command.remote.Command(
-                f"{name}-{step}", connection=steady_conn, create=steps.secret_file_command(path), stdin=secret,
+                f"{name}-{step}", connection=steady_conn, create=steps.secret_file_command(path, mode=mode), stdin=secret,
                 triggers=[droplet.id, secret.apply(steps.digest)],
                 opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap]),
             )
@@ -327,14 +333,17 @@ class NodeChain:
             )
             app_deps.append(self.registry)
         self.app_env = secret_file("app-env", paths.app_env, app_env)
-        app_deps.append(self.app_env)
+        # The database's CA (public; empty without a managed cluster), read by the app's container.
+        self.db_ca = secret_file("db-ca", DB_CA_FILE, db_ca if db_ca is not None else "", mode="0644")
+        # After the firewall: its forward chain keeps the containers from the metadata service.
+        app_deps += [self.app_env, self.db_ca, self.firewall]
         self.db_grants = None
         if db_grants is not None:
             # Runs here because the cluster trusts only the droplets; doadmin's password on stdin only.
             self.db_grants = command.remote.Command(
                 f"{name}-db-grants", connection=steady_conn, create=db_grants.create, stdin=db_grants.stdin,
                 triggers=[droplet.id, *db_grants.triggers],
-                opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap, *db_grants.depends_on]),
+                opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap, self.db_ca, *db_grants.depends_on]),
             )
             app_deps.append(self.db_grants)
         archive, self.app_digest = step_inputs(STEP_APP)
@@ -361,7 +370,7 @@ class NodeChain:
                                                                   peer_retire]),
         )
         self.commands = [c for c in (self.wait, self.retire, self.bootstrap, self.token, self.alert_webhook, self.failover,
-                                     self.firewall, self.registry, self.app_env, self.db_grants, self.app,
+                                     self.firewall, self.registry, self.app_env, self.db_ca, self.db_grants, self.app,
                                      self.haproxy, self.keepalived) if c is not None]
         self.digest = Output.all(self.failover_digest, self.firewall_digest, self.keepalived_digest,
                                  self.app_digest, self.haproxy_digest).apply(lambda ds: steps.digest(*ds))

@@ -22,6 +22,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # keepalived priority added while a node holds the reserved IP: larger than the gap between the
 # two nodes' base priorities (150 / 100), so the holder always wins, and 150 + 100 stays <= 254.
 HOLDER_WEIGHT = 100
+# The droplets' metadata service (link-local); containers must not reach it.
+METADATA_ADDR = "169.254.169.254"
 SCRIPT_NAMES = ("mt-deploy", "mt-failover", "mt-health", "mt-healthwatch", "mt_observe.py")
 
 # Provisioning steps (one remote command each); a file's step decides what re-runs when it changes.
@@ -498,11 +500,23 @@ table inet minitwit_ha {{
     }}
 
     chain forward {{
-        type filter hook forward priority filter - 10; policy accept;
-        # Docker publishes container ports with DNAT and its own FORWARD accept, which the input
-        # chain never sees; keep only the app's ports reachable through those.
-{peer_forward}        ct state new ct status dnat meta l4proto tcp ct original proto-dst != {{ {ports} }} counter drop
-        ct state new ct status dnat meta l4proto udp counter drop
+        # Drop by default: this chain runs before Docker's own (priority filter - 10), and a drop
+        # here is final, so the node forwards only what is listed below whatever Docker version
+        # (or snapshot image) put its rules in. Locally generated traffic (HAProxy to the app on
+        # 127.0.0.1, the node's own calls) never passes a forward hook.
+        type filter hook forward priority filter - 10; policy drop;
+        ct state invalid drop
+        # Containers never reach the metadata service: it hands out the droplet's user data and
+        # identity to whoever asks. (mt-failover, on the host itself, still does.)
+        ip daddr {METADATA_ADDR} counter drop
+        ct state established,related accept
+        # The app's published ports (Docker's DNAT to a container): HTTP(S) and appPort from anywhere.
+        ct status dnat meta l4proto tcp ct original proto-dst {{ {ports} }} accept
+{peer_forward}        # What the containers open themselves (the database over the VPC, DNS, registries):
+        # from Docker's bridges only (docker0, compose's br-*).
+        iifname "docker0" accept
+        iifname "br-*" accept
+        counter comment "dropped by policy"
     }}
 }}
 """

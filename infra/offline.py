@@ -53,9 +53,21 @@ class DoMocks(pulumi.runtime.Mocks):
     # What getReservedIp/getDroplet answer for an adopted reserved IP: its holder and droplets' tags.
     reserved_ip_holder: int | None = None
     droplet_tags: dict[int, list[str]] = field(default_factory=dict)
+    # What tls:PrivateKey answers (the stack's provisioning key); the twins put their own key here.
+    provision_key: tuple[str, str] = (
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nmock-provision-key\n-----END OPENSSH PRIVATE KEY-----\n",
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG1vY2stcHJvdmlzaW9uLWtleS1mb3ItdGVzdHM\n",
+    )
+    database_ca: str = "-----BEGIN CERTIFICATE-----\nmock-project-ca\n-----END CERTIFICATE-----\n"
     resources: list[Recorded] = field(default_factory=list)
     # Each resource's options (parent, depends_on, protect, ...), which the mock monitor never sees.
     options: dict[str, pulumi.ResourceOptions] = field(default_factory=dict)
+
+    def host_key(self, name: str) -> tuple[str, str]:
+        """(private, public) OpenSSH host key for the tls.PrivateKey `name`: a fixed fake per name."""
+        tag = hashlib.sha256(name.encode()).hexdigest()[:32]
+        return (f"-----BEGIN OPENSSH PRIVATE KEY-----\nmock-host-key-{tag}\n-----END OPENSSH PRIVATE KEY-----\n",
+                f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5{tag}\n")
 
     def _droplet_index(self, name: str) -> int:
         for i, role in enumerate(("primary", "standby"), start=1):
@@ -97,21 +109,24 @@ class DoMocks(pulumi.runtime.Mocks):
         elif args.typ == "digitalocean:index/databaseUser:DatabaseUser":
             outputs.update(password="mock-user-password")  # noqa: S106
         elif args.typ == "tls:index/privateKey:PrivateKey":
-            # A fixed fake key per name (never a real key): tests and plans stay byte-identical.
-            tag = hashlib.sha256(args.name.encode()).hexdigest()[:32]
-            outputs.update(privateKeyOpenssh=f"-----BEGIN OPENSSH PRIVATE KEY-----\nmock-host-key-{tag}\n"
-                                             "-----END OPENSSH PRIVATE KEY-----\n",
-                           publicKeyOpenssh=f"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5{tag}\n")
+            if args.name.endswith("-provision-key"):
+                private, public = self.provision_key
+            else:
+                # A fixed fake key per name (never a real key): tests and plans stay byte-identical.
+                private, public = self.host_key(args.name)
+            outputs.update(privateKeyOpenssh=private, publicKeyOpenssh=public)
         elif args.typ.startswith("command:"):
             outputs.update(stdout="", stderr="")
         return [rid, outputs]
 
     def call(self, args: pulumi.runtime.MockCallArgs):
-        # The one provider call: who holds an adopted reserved IP (infra/adopt.py).
+        # Provider calls: who holds an adopted reserved IP (infra/adopt.py), a cluster's CA.
         function = args.token  # an invoke's name, not a credential
         if function == "digitalocean:index/getReservedIp:getReservedIp":
             holder = self.reserved_ip_holder
             return {"ipAddress": args.args.get("ipAddress"), "region": "fra1", "dropletId": holder or 0}
+        if function == "digitalocean:index/getDatabaseCa:getDatabaseCa":
+            return {"clusterId": args.args.get("clusterId"), "certificate": self.database_ca}
         if function == "digitalocean:index/getDroplet:getDroplet":
             droplet_id = int(args.args.get("id"))
             return {"id": droplet_id, "name": f"droplet-{droplet_id}", "tags": self.droplet_tags.get(droplet_id, [])}

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -157,6 +157,7 @@ class Database:
     size: str = "db-s-1vcpu-1gb"
     version: str = "16"
     node_count: int = 1
+    sslmode: str = "verify-full"  # databaseSslMode: what the app's URI asks libpq to check
 
 
 @dataclass(frozen=True)
@@ -745,6 +746,11 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
     router_id = r.integer("vrrpRouterId", 1, 255)
 
     database = _read_database(r)
+    if (database.mode == "managed" and database.sslmode in _DB_SSL_STRENGTH and compose.text
+            and DB_CA_FILE not in compose.text):
+        r.fail("composeFile", f"does not mount the database's CA, which the app needs to verify the managed "
+                              f"cluster (databaseSslMode={database.sslmode}); add to the app's service: "
+                              f'volumes: ["{DB_CA_FILE}:{DB_CA_FILE}:ro"]')
 
     if r.problems:
         raise SettingsError(r.problems, stack)
@@ -764,6 +770,19 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
 
 
 _DB_SIZE_RE = re.compile(r"^db-[a-z0-9]+(-[a-z0-9]+)+$")
+# The managed cluster's CA on each node and, mounted at the same path, in the app's container
+# (infra/database.py ships it; DATABASE_URL's sslrootcert names it).
+DB_CA_FILE = "/etc/minitwit-ha/db-ca.crt"
+# databaseSslMode: libpq's modes that check the server, plus `require` (encrypts, checks nothing),
+# which is allowed only when asked for by name (the program then warns on every run).
+DB_SSL_MODES = ("verify-full", "verify-ca", "require")
+_DB_SSL_STRENGTH = {"verify-full": 2, "verify-ca": 1}
+
+
+def uri_sslmode(uri: str) -> str | None:
+    """The sslmode a PostgreSQL URI asks for (None: libpq's default, `prefer`)."""
+    values = parse_qs(urlsplit(uri).query).get("sslmode")
+    return values[-1] if values else None
 
 
 def _read_database(r: _Reader) -> Database:
@@ -772,6 +791,10 @@ def _read_database(r: _Reader) -> Database:
     size = r.string("databaseSize")
     version = r.string("databaseVersion")
     nodes = r.integer("databaseNodeCount", 1, 3)
+    sslmode = r.string("databaseSslMode")
+    if sslmode not in DB_SSL_MODES:
+        r.fail("databaseSslMode", f"'{sslmode}' is not a TLS mode; use verify-full (checks the CA and the host "
+                                  "name), verify-ca (the CA only) or, to accept any certificate, require")
     if mode not in ("managed", "external", "none"):
         r.fail("database", f"'{mode}' is not a database mode; use managed, external or none")
         return Database(mode="none")
@@ -781,6 +804,14 @@ def _read_database(r: _Reader) -> Database:
                                   "`pulumi config set --secret databaseUri postgresql://user:pass@host:5432/db`")
         elif not uri.reveal().startswith(("postgresql://", "postgres://")):
             r.fail("databaseUri", "is not a PostgreSQL URI; use postgresql://USER:PASSWORD@HOST:PORT/DB")
+        elif sslmode in _DB_SSL_STRENGTH:
+            # Never echo the URI: it holds the password. Only its sslmode is named.
+            got = uri_sslmode(uri.reveal())
+            if _DB_SSL_STRENGTH.get(got or "", 0) < _DB_SSL_STRENGTH[sslmode]:
+                r.fail("databaseUri", f"asks for sslmode={got or 'prefer (the default)'}, which does not verify the "
+                                      f"server as databaseSslMode={sslmode} requires; add "
+                                      f"?sslmode={sslmode}&sslrootcert=/PATH/TO/CA (or sslrootcert=system on "
+                                      "libpq 16+), or set databaseSslMode require to accept any certificate")
     elif uri:
         r.fail("databaseUri", f"is set but database={mode} ignores it; unset it or use database=external")
     if mode == "managed":
@@ -793,4 +824,4 @@ def _read_database(r: _Reader) -> Database:
             r.fail("databaseNodeCount", f"{nodes} nodes need a databaseSize with at least {STANDBY_MIN_RAM_GB} GB "
                                         f"of RAM ({size} has {ram.group(1)} GB; DigitalOcean runs standby nodes "
                                         "only on 2 GB plans and up): use db-s-1vcpu-2gb or set databaseNodeCount 1")
-    return Database(mode=mode, uri=uri, size=size, version=version, node_count=nodes)
+    return Database(mode=mode, uri=uri, size=size, version=version, node_count=nodes, sslmode=sslmode)

@@ -10,6 +10,16 @@
 set -Eeuo pipefail
 
 readonly DOCKER_APT_URL="${DOCKER_APT_URL:-https://download.docker.com/linux}"
+# Docker's published release-key fingerprint (docs.docker.com, "Install Docker Engine"): the key
+# downloaded from DOCKER_APT_URL is trusted only when it is exactly this one key. A stand-in
+# repository (the twins) names its own key in a root-owned file, since `sudo bash -s` passes no
+# environment; whoever can write under /etc is root already.
+readonly DOCKER_KEY_FPR_FILE="${DOCKER_KEY_FPR_FILE:-/etc/minitwit-ha/docker-apt-key.fpr}"
+DOCKER_KEY_FPR="${DOCKER_KEY_FPR:-9DC858229FC7DD38854AE2D88D81803C0EBFCD88}"
+if [ -f "${DOCKER_KEY_FPR_FILE}" ]; then
+  DOCKER_KEY_FPR="$(tr -d ' \n' < "${DOCKER_KEY_FPR_FILE}")"
+fi
+readonly DOCKER_KEY_FPR
 readonly SCRIPT_USER="${SCRIPT_USER:-keepalived_script}"
 readonly LOG_TAG="minitwit-ha"
 # unattended-upgrades runs on a droplet's first boot and holds the dpkg lock for minutes: wait for it.
@@ -51,6 +61,21 @@ install_base() {
   apt_install keepalived haproxy nftables curl ca-certificates python3 gnupg
 }
 
+# Refuse a key file that is not exactly Docker's release key: a swapped key (a compromised
+# mirror, a proxy) would let its holder sign packages apt then installs as root.
+check_docker_key() {
+  local file="$1" fprs home
+  home="$(mktemp -d)"  # gpg wants a home even to only read a file; never root's own keyring
+  fprs="$(gpg --homedir "${home}" --batch --quiet --with-colons --show-keys "${file}" 2>/dev/null \
+    | awk -F: '$1 == "pub" { want = 1 } want && $1 == "fpr" { print $10; want = 0 }')" || fprs=""
+  rm -rf "${home}"
+  if [ "${fprs}" != "${DOCKER_KEY_FPR}" ]; then
+    log "refusing Docker's apt key from ${DOCKER_APT_URL}: primary key fingerprint(s) '${fprs//$'\n'/ }', expected ${DOCKER_KEY_FPR}"
+    return 1
+  fi
+  log "Docker's apt key has the published fingerprint ${DOCKER_KEY_FPR}"
+}
+
 install_docker() {
   if docker compose version >/dev/null 2>&1; then
     log "docker and the compose plugin are already installed"
@@ -64,8 +89,13 @@ install_docker() {
   arch="$(dpkg --print-architecture)"
   log "adding Docker's apt repository for ${distro} ${codename}"
   install -m 0755 -d /etc/apt/keyrings
-  curl --fail --silent --show-error --max-time 60 "${DOCKER_APT_URL}/${distro}/gpg" -o /etc/apt/keyrings/docker.asc
-  chmod 0644 /etc/apt/keyrings/docker.asc
+  local key
+  key="$(mktemp)"
+  # shellcheck disable=SC2064 # expand now: the path is local to this function
+  trap "rm -f '${key}'" RETURN
+  curl --fail --silent --show-error --max-time 60 "${DOCKER_APT_URL}/${distro}/gpg" -o "${key}"
+  check_docker_key "${key}"
+  install -m 0644 -o root -g root "${key}" /etc/apt/keyrings/docker.asc
   echo "deb [arch=${arch} signed-by=/etc/apt/keyrings/docker.asc] ${DOCKER_APT_URL}/${distro} ${codename} stable" \
     > /etc/apt/sources.list.d/docker.list
   apt_get update -q

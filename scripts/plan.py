@@ -55,7 +55,7 @@ PLACEHOLDERS = {
     "sshPrivateKey": "-----BEGIN OPENSSH PRIVATE KEY-----\nplan-placeholder-private-key\n-----END OPENSSH PRIVATE KEY-----\n",
     "failoverToken": "dop_v1_" + "0" * 64,
     "registryPassword": "placeholder-registry-password",
-    "databaseUri": "postgresql://placeholder:placeholder@database.placeholder.invalid:5432/minitwit",
+    "databaseUri": "postgresql://placeholder:placeholder@database.placeholder.invalid:5432/minitwit?sslmode=verify-full",
 }
 GENERIC_PLACEHOLDER = "placeholder"
 REQUIRED_SECRETS = ("sshPrivateKey", "failoverToken")

@@ -23,7 +23,8 @@ SENTINEL_TOKEN = "dop_v1_" + "5e" * 32
 SENTINEL_PRIVATE_KEY = ("-----BEGIN OPENSSH PRIVATE KEY-----\nSENTINEL-PRIVATE-KEY-b3BlbnNzaC1rZXktdjEAAAA\n"
                         "-----END OPENSSH PRIVATE KEY-----\n")
 SENTINEL_REGISTRY_PASSWORD = "SENTINEL-registry-password-7f3a"
-SENTINEL_DB_URI = "postgresql://app:SENTINEL-db-password-91c2@db.internal.example:25060/minitwit"
+SENTINEL_DB_URI = ("postgresql://app:SENTINEL-db-password-91c2@db.internal.example:25060/minitwit"
+                   "?sslmode=verify-full&sslrootcert=/etc/ssl/certs/db-ca.pem")
 PUBLIC_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGZha2Uta2V5LWZvci10ZXN0cw deploy@example"
 
 SECRET_KEYS = frozenset({"sshPrivateKey", "failoverToken", "registryPassword", "databaseUri", "alertWebhookUrl"})

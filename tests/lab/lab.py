@@ -414,7 +414,7 @@ class Lab:
     def _ssh(self) -> None:
         """An sshd per node (the droplets' sshd hardening, from the same text cloud-init writes),
         a `deploy` user with a lab key, and sudo for the node scripts only."""
-        from infra.cloudinit import SSHD_DROPIN
+        from infra.cloudinit import SSHD_DROPIN, render_deploy_sudoers
 
         try:
             pwd.getpwnam(DEPLOY_USER)
@@ -444,15 +444,13 @@ class Lab:
                 f"HostKey {key}\n"
                 f"PidFile {node_root(node) / 'run' / 'sshd.pid'}\n"
                 f"AuthorizedKeysFile {d / 'authorized_keys'}/%u\n"
-                "UsePAM no\nPubkeyAuthentication yes\nStrictModes yes\nX11Forwarding no\n"
-                "AllowTcpForwarding no\nPrintMotd no\n"
+                "UsePAM no\nPubkeyAuthentication yes\nStrictModes yes\nPrintMotd no\n"
             ), 0o644)
             sh("sshd", "-t", "-f", str(etc / "sshd_config"))
             self.spawn(f"{node}-sshd", node, ["/usr/sbin/sshd", "-D", "-e", "-f", str(etc / "sshd_config")])
         _write(d / "known_hosts", "\n".join(known) + "\n", 0o644)
-        scripts = ", ".join(f"{node_paths(n).script('mt-deploy')}" for n in NODES)
-        rule = (f"# {PREFIX} lab: the deploy user may run the node's deploy script as root (droplets: all of sudo)\n"
-                f"{DEPLOY_USER} ALL=(root) NOPASSWD: {scripts}\n")
+        # The droplets' own sudoers text (one renderer), over both lab nodes' scripts.
+        rule = render_deploy_sudoers([node_paths(n) for n in NODES], user=DEPLOY_USER)
         tmp = LAB_ROOT / "sudoers.tmp"
         _write(tmp, rule, 0o440)
         sh("visudo", "-c", "-q", "-f", str(tmp))

@@ -1,7 +1,8 @@
 """Hardening, proven in the lab: a rogue VRRP speaker is ignored, SSH is closed to outsiders and
 to root, and only the app's ports answer from the internet.
 
-Registered with the drill (`make drill`): `rogue-vrrp`, `ssh-from-outside`, `http-open`.
+Registered with the drill (`make drill`): `rogue-vrrp`, `ssh-from-outside`, `http-open`,
+`deploy-not-root`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests.lab.lab import (
     ROUTER_ID,
     Lab,
     in_ns,
+    node_paths,
     ns,
 )
 
@@ -149,4 +151,56 @@ def http_open(lab: Lab, workdir: Path, runs: int) -> dict:
         "name": "http-open", "passed": not failed,
         "checks": {k: {"expected": want, "got": got} for k, (want, got) in checks.items()},
         "summary": f"{len(checks)} checks" + ("" if not failed else f"; unexpected: {json.dumps(failed)}"),
+    }
+
+
+def _ssh_run(lab: Lab, node: str, command: str, extra: tuple[str, ...] = ()) -> tuple[int, str]:
+    """(exit code, stdout + stderr) of `command` run as deploy over SSH from the admin address."""
+    argv = lab.ssh_argv(node, source=ADMIN_ADDR)
+    argv = argv[:-1] + list(extra) + [argv[-1], command]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return 255, "timed out"
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+@scenario("deploy-not-root")
+def deploy_not_root(lab: Lab, workdir: Path, runs: int) -> dict:
+    """`deploy` (the rollout's key) cannot become root, the droplets' sudoers says so, and the
+    rollout's own commands still run through it."""
+    checks: dict[str, tuple[str, bool, str]] = {}
+    owner = f"drill-{int(time.time())}"
+    for node in NODES:
+        paths = node_paths(node)
+        deploy, failover = paths.script("mt-deploy"), paths.script("mt-failover")
+        refused = {
+            "sudo -n true": "sudo -n true",
+            "sudo -n bash": "sudo -n bash -c 'id -u'",
+            "sudo VAR=x mt-deploy": f"sudo -n MT_DEPLOY_ROOT=/tmp {deploy} status",
+            "sudo -E mt-deploy": f"MT_DEPLOY_ROOT=/tmp sudo -n -E {deploy} status",
+            # -l asks sudo without running: were it allowed, reclaim would move the reserved IP.
+            "sudo mt-failover reclaim": f"sudo -n -l {failover} reclaim",
+            "sudo -u root -s": "sudo -n -s id -u",
+        }
+        for what, command in refused.items():
+            rc, out = _ssh_run(lab, node, command)
+            checks[f"{node}: {what}"] = ("refused", rc != 0 and out.strip() != "0", out[-160:])
+        # The rollout's commands, as scripts/rollout.py and pairctl send them.
+        rc, out = _ssh_run(lab, node, f"sudo -n {deploy} status")
+        checks[f"{node}: sudo mt-deploy status"] = ("runs", rc == 0 and out.startswith("{"), out[-160:])
+        rc, out = _ssh_run(lab, node, f"sudo -n {deploy} lock {owner} && sudo -n {deploy} unlock {owner}")
+        checks[f"{node}: sudo mt-deploy lock/unlock"] = ("runs", rc == 0, out[-160:])
+        # Allowed, asked with -l: a lab node's mt-failover finds its env file only through
+        # MT_FAILOVER_ENV, which sudo (rightly) does not pass on; on a droplet it runs as is.
+        rc, out = _ssh_run(lab, node, f"sudo -n -l {failover} status")
+        checks[f"{node}: sudo mt-failover status"] = ("allowed", rc == 0 and f"{failover} status" in out, out[-160:])
+        # No tunnels through a stolen deploy key (sshd: AllowTcpForwarding no).
+        rc, out = _ssh_run(lab, node, "true", extra=("-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:22"))
+        checks[f"{node}: ssh -R tunnel"] = ("refused", rc != 0 and "forwarding failed" in out, out[-160:])
+    failed = [k for k, (_, ok, _) in checks.items() if not ok]
+    return {
+        "name": "deploy-not-root", "passed": not failed,
+        "checks": {k: {"expected": exp, "ok": ok, "output": out} for k, (exp, ok, out) in checks.items()},
+        "summary": f"{len(checks)} checks, all as expected" if not failed else f"unexpected: {failed}",
     }

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from infra.database import NONE_WARNING
+from infra.database import DB_CA_FILE, NONE_WARNING
 from infra.offline import DoMocks, unwrap
 from tests.conftest import SENTINEL_DB_URI, base_config, run_stack
 
@@ -56,8 +56,9 @@ def test_managed_uri_is_secret_everywhere_and_reaches_each_node_as_0600_env():
     for r in envs:
         assert r.is_secret("stdin")
         text = unwrap(r.inputs["stdin"])
+        # Verified TLS: the cluster's CA (shipped to the node) and its host name.
         assert "DATABASE_URL=postgresql://minitwit:mock-user-password@private-db.example.invalid:25060/minitwit" \
-               "?sslmode=require" in text
+               f"?sslmode=verify-full&sslrootcert={DB_CA_FILE}\n" in text
         assert "install -m 0600 -o root -g root /dev/stdin /srv/minitwit/app.env" in r.plain("create")
     for r in run.commands():
         for key in ("create", "update", "delete", "environment", "triggers"):
@@ -104,7 +105,8 @@ def test_managed_grants_the_app_user_its_rights_from_the_first_node_before_any_a
     assert [r.name for r in grants] == ["minitwit-test-standby-db-grants"]  # one node: no concurrent GRANTs
     g = grants[0]
     create = g.plain("create")
-    assert "host=private-db.example.invalid port=25060 user=doadmin dbname=minitwit sslmode=require" in create
+    assert ("host=private-db.example.invalid port=25060 user=doadmin dbname=minitwit sslmode=verify-full "
+            f"sslrootcert={DB_CA_FILE} ") in create
     # doadmin's password only on stdin, as a secret; never in the command, triggers or outputs.
     assert g.is_secret("stdin")
     stdin = unwrap(g.inputs["stdin"])
@@ -126,3 +128,52 @@ def test_database_uri_output_is_the_app_user_on_the_public_host_and_secret():
     out = run.outputs["database_uri"]
     assert out.secret
     assert out.value == "postgresql://minitwit:mock-user-password@db.example.invalid:25060/minitwit?sslmode=require"
+
+
+def _depends_on(run, name: str) -> set[str]:
+    return {getattr(d, "_name", None) for d in run.mocks.options[name].depends_on}
+
+
+def test_managed_ships_the_clusters_ca_to_each_node_before_the_grants_and_the_app():
+    run = run_stack(base_config(database="managed"), mocks=DoMocks(database_ca="-----BEGIN CERTIFICATE-----\nCA-91\n"))
+    cas = {r.name: r for r in run.commands() if r.name.endswith("-db-ca")}
+    assert sorted(cas) == ["minitwit-test-primary-db-ca", "minitwit-test-standby-db-ca"]
+    for name, r in cas.items():
+        assert unwrap(r.inputs["stdin"]) == "-----BEGIN CERTIFICATE-----\nCA-91\n"
+        # Public data, readable by the app's container user: 0644, root-owned.
+        assert f"install -m 0644 -o root -g root /dev/stdin {DB_CA_FILE}" in r.plain("create")
+        node = name.removesuffix("-db-ca")
+        assert name in _depends_on(run, f"{node}-app")
+    assert "minitwit-test-standby-db-ca" in _depends_on(run, "minitwit-test-standby-db-grants")
+
+
+def test_without_a_managed_cluster_the_ca_file_is_still_written_empty():
+    """The compose file mounts the CA; a missing file would make Docker create a directory there."""
+    run = run_stack(base_config(database="none"))
+    cas = [r for r in run.commands() if r.name.endswith("-db-ca")]
+    assert len(cas) == 2 and all(unwrap(r.inputs["stdin"]) == "" for r in cas)
+
+
+def test_verify_ca_mode_reaches_the_uri_and_the_grants():
+    run = run_stack(base_config(database="managed", databaseSslMode="verify-ca"))
+    env = unwrap(next(r for r in run.commands() if r.name.endswith("-app-env")).inputs["stdin"])
+    assert f"?sslmode=verify-ca&sslrootcert={DB_CA_FILE}\n" in env
+    grants = next(r for r in run.commands() if r.name.endswith("-db-grants"))
+    assert f"sslmode=verify-ca sslrootcert={DB_CA_FILE} " in grants.plain("create")
+
+
+@pytest.mark.parametrize("mode", ["managed", "external"])
+def test_require_mode_encrypts_without_checking_and_warns(caplog, mode):
+    uri = "postgresql://app:pw@db.internal.example:5432/minitwit?sslmode=require"
+    cfg = base_config(database=mode, databaseSslMode="require", databaseUri=uri if mode == "external" else None)
+    with caplog.at_level(logging.WARNING):
+        run = run_stack(cfg)
+    assert "databaseSslMode=require" in caplog.text and "does not check" in caplog.text
+    env = unwrap(next(r for r in run.commands() if r.name.endswith("-app-env")).inputs["stdin"])
+    assert "sslmode=require" in env and "sslrootcert" not in env
+
+
+def test_verified_modes_do_not_warn_about_tls(caplog):
+    with caplog.at_level(logging.WARNING):
+        run_stack(base_config(database="managed"))
+    assert "databaseSslMode" not in caplog.text

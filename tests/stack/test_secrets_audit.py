@@ -1,9 +1,10 @@
 """Secrets audit of a whole stack run under mocks, with sentinel values for every secret.
 
 Each secret may appear in exactly one kind of place: its own destination (stdin of the command
-that installs it 0600 on a node, or the SSH connection for the private key), always marked
+that installs it 0600 on a node, or the SSH connection for the provisioning key), always marked
 secret so the state encrypts it. Nowhere else: not in a command line, an environment, a trigger,
-a rendered file, user data, or a plain stack output.
+a rendered file, user data, or a plain stack output. The deploy key (sshPrivateKey) has no home
+at all: `pulumi up` provisions with its own generated key, so the deploy key is in no resource.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ SENTINELS = {
     "registry password": SENTINEL_REGISTRY_PASSWORD,
     "database password": "SENTINEL-db-password-91c2",
     "alert webhook": "SENTINEL-webhook-5d1e",
+    "provision key": "mock-provision-key",  # DoMocks' tls:PrivateKey
 }
 # secret -> (resource name suffix, input) where it belongs
 HOMES = {
     "token": [("-failover-token", "stdin")],
-    "private key": [("", "connection")],
+    "private key": [],
+    "provision key": [("", "connection")],
     "registry password": [("-registry-login", "stdin")],
     "database password": [("-app-env", "stdin")],
     "alert webhook": [("-alert-webhook", "stdin")],
@@ -63,7 +66,7 @@ def test_every_secret_is_only_in_its_own_destination(run):
     assert findings == []
     # Each secret did reach its destinations (both nodes), so the audit looked at real traffic.
     assert homes_seen["token"] == 2 and homes_seen["registry password"] == 2
-    assert homes_seen["database password"] == 2 and homes_seen["private key"] >= 2
+    assert homes_seen["database password"] == 2 and homes_seen["provision key"] >= 2
     assert homes_seen["alert webhook"] == 2
 
 

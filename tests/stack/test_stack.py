@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import yaml
 
-from infra.offline import unwrap
+from infra.offline import DoMocks, unwrap
 from infra.steps import read_archive_b64
 from tests.conftest import (
     PUBLIC_KEY,
@@ -69,11 +69,16 @@ def test_cloud_init_creates_deploy_and_locks_root(stack_run):
     user_data = stack_run.mocks.of_type(DROPLET)[0].plain("userData")
     assert user_data.startswith("#cloud-config\n")
     doc = yaml.safe_load(user_data)
-    deploy = doc["users"][0]
+    deploy, provision = doc["users"]
     assert deploy["name"] == "deploy" and deploy["ssh_authorized_keys"] == [PUBLIC_KEY]
-    assert "sudo" in deploy["groups"]
+    # deploy is not root: no sudo group (Debian's %sudo is ALL), no cloud-init sudo rule.
+    assert "groups" not in deploy and "sudo" not in deploy
+    # provision holds the stack's generated key (DoMocks' tls:PrivateKey), nothing else.
+    assert provision["name"] == "provision"
+    assert provision["ssh_authorized_keys"] == [DoMocks().provision_key[1].strip()]
     sshd = next(f for f in doc["write_files"] if f["path"].startswith("/etc/ssh/sshd_config.d/"))
     assert "PermitRootLogin no" in sshd["content"] and "PasswordAuthentication no" in sshd["content"]
+    assert "AllowUsers deploy provision\n" in sshd["content"]
     assert doc["ssh_pwauth"] is False
     # Each droplet's user data differs only by its own host key; it holds that key, so it is secret.
     droplets = stack_run.mocks.of_type(DROPLET)
@@ -383,7 +388,8 @@ def test_a_standby_only_override_changes_standby_resources_only():
 
 
 def test_host_keys_are_generated_installed_and_pinned_on_every_connection(stack_run):
-    keys = {r.name: r for r in stack_run.mocks.of_type("tls:index/privateKey:PrivateKey")}
+    keys = {r.name: r for r in stack_run.mocks.of_type("tls:index/privateKey:PrivateKey")
+            if r.name.endswith("-host-key")}
     assert set(keys) == {"minitwit-test-primary-host-key", "minitwit-test-standby-host-key"}
     assert {r.plain("algorithm") for r in keys.values()} == {"ED25519"}
     known = stack_run.outputs["known_hosts"]
@@ -449,3 +455,42 @@ def test_app_version_seeds_each_nodes_env_and_the_app_step_drains_in_haproxy():
         create = run.mocks.named(f"minitwit-test-{node}-app").plain("create")
         assert create.index("state drain") < create.index("up -d") < create.index("mt-health all")
     assert "MINITWIT_VERSION" not in node_file(run_stack(base_config()), "primary", "app", "/srv/minitwit/stack.env")
+
+
+def test_no_rendered_file_lets_deploy_become_root(stack_run):
+    """Everything that lands on a node: user data (sudoers, sshd) and every step's files."""
+    doc = yaml.safe_load(stack_run.mocks.of_type(DROPLET)[0].plain("userData"))
+    texts = [f["content"] for f in doc["write_files"]]
+    for r in stack_run.commands():
+        stdin = unwrap(r.inputs.get("stdin"))
+        if stdin and r.name.endswith(("-failover", "-firewall", "-keepalived", "-app", "-haproxy")):
+            texts += [text for _, text in read_archive_b64(stdin).values()]
+    rules = [line for text in texts for line in text.splitlines()
+             if re.match(r"\s*(deploy|%sudo|ALL)\s", line) or "NOPASSWD" in line and not line.lstrip().startswith("#")]
+    assert rules == ["deploy ALL=(root) NOPASSWD: NOSETENV: /usr/libexec/minitwit-ha/mt-deploy, "
+                     "/usr/libexec/minitwit-ha/mt-failover status"]
+    sudoers = next(f["content"] for f in doc["write_files"] if f["path"] == "/etc/sudoers.d/minitwit-ha-deploy")
+    assert "Defaults:deploy env_reset\n" in sudoers
+    # Root through sudo only for provision, whose key only the stack holds (cloud-init's sudo: key).
+    assert [u.get("sudo") for u in doc["users"]] == [None, "ALL=(root) NOPASSWD:ALL"]
+
+
+def test_provisioning_logs_in_as_provision_with_the_generated_key(stack_run):
+    keys = [k for k in stack_run.mocks.of_type("tls:index/privateKey:PrivateKey") if k.name.endswith("-provision-key")]
+    assert [k.plain("algorithm") for k in keys] == ["ED25519"]
+    remote = [r for r in stack_run.commands() if r.typ == "command:remote:Command"]
+    assert remote
+    for r in remote:
+        conn = r.plain("connection")
+        assert conn["user"] == "provision", r.name
+        assert conn["privateKey"] == DoMocks().provision_key[0], r.name
+
+
+def test_the_app_starts_only_after_the_firewall_keeps_containers_off_the_metadata_service(stack_run):
+    for node in ("primary", "standby"):
+        deps = {getattr(d, "_name", None) for d in stack_run.mocks.options[f"minitwit-test-{node}-app"].depends_on}
+        assert f"minitwit-test-{node}-firewall" in deps
+        rules = node_file(stack_run, node, "firewall", "/etc/nftables.conf")
+        forward = rules[rules.index("chain forward"):]
+        assert "policy drop;" in forward
+        assert forward.index("ip daddr 169.254.169.254 counter drop") < forward.index("ct state established")

@@ -79,7 +79,19 @@ class Collected:
 
 
 class TwinMocks(DoMocks):
-    """DoMocks whose droplets answer with the twins' addresses."""
+    """DoMocks whose droplets answer with the twins' addresses, and whose host keys are real
+    ed25519 keys (cloud-init installs them in the twins' sshd), made once and kept."""
+
+    key_dir: Path | None = None
+
+    def host_key(self, name: str) -> tuple[str, str]:
+        if self.key_dir is None:
+            return super().host_key(name)
+        path = self.key_dir / name
+        if not path.exists():
+            self.key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(path)], check=True)
+        return path.read_text(), Path(f"{path}.pub").read_text()
 
     def new_resource(self, args):
         rid, outputs = super().new_resource(args)
@@ -108,7 +120,11 @@ def _timeout(opts) -> float:
 
 
 def collect(config: dict, secret_keys: frozenset[str], api_url: str, stack: str = "twins") -> Collected:
-    mocks = TwinMocks(vpc_range=config.get("vpcIpRange", "10.110.16.0/24"), reserved_ip=config["_reserved_ip"])
+    twins = Twins()
+    # The stack's generated provisioning key is the twins' key here, so the steps can log in as `provision`.
+    mocks = TwinMocks(vpc_range=config.get("vpcIpRange", "10.110.16.0/24"), reserved_ip=config["_reserved_ip"],
+                      provision_key=(twins.key.read_text(), twins.public_key))
+    mocks.key_dir = twins.home / "host-keys"
     values = {k: v for k, v in config.items() if not k.startswith("_")}
     source = DictSource(values, secret_keys)
     with api_urls(api_url, f"{api_url}/metadata/v1"):

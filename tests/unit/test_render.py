@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from infra.cloudinit import SSHD_DROPIN, render_cloud_init, render_deploy_sudoers
 from infra.haproxy import HaproxyFacts
-from infra.node import NodeFacts, render_haproxy_cfg, render_keepalived_conf, render_nftables
+from infra.node import NodeFacts, NodePaths, render_haproxy_cfg, render_keepalived_conf, render_nftables
 from infra.profiles import PROFILES
 from infra.steps import KEEPALIVED_T_OK
 from tests.conftest import ROOT, base_config, run_stack
@@ -207,3 +208,106 @@ def test_every_timeout_and_retry_line_says_what_a_client_sees():
     for i, line in enumerate(lines):
         if line.strip().startswith(("timeout ", "retries", "retry-on", "option redispatch")):
             assert lines[i - 1].strip().startswith("#"), f"no comment above: {line.strip()}"
+
+
+# --------------------------------------------------------------------------------------------
+# Least privilege on the node: deploy's sudoers, the sshd drop-in, the Docker apt key check
+# --------------------------------------------------------------------------------------------
+def _visudo(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    path = tmp_path / "sudoers"
+    path.write_text(text)
+    path.chmod(0o440)
+    return subprocess.run(["visudo", "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("paths", [(NodePaths(),), (NodePaths("/run/lab/primary"), NodePaths("/run/lab/standby"))],
+                         ids=["droplet", "lab"])
+def test_deploy_sudoers_passes_visudo(paths, tmp_path):
+    need(missing_binaries("visudo"))
+    text = render_deploy_sudoers(paths)
+    proc = _visudo(text, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Every node's deploy script, and mt-failover only with `status`.
+    for p in paths:
+        assert p.script("mt-deploy") in text and f"{p.script('mt-failover')} status" in text
+    assert "NOSETENV" in text and "env_reset" in text and "SETENV:" not in text.replace("NOSETENV:", "")
+
+
+def test_visudo_check_catches_a_broken_sudoers(tmp_path):
+    need(missing_binaries("visudo"))
+    assert _visudo(render_deploy_sudoers().replace("NOPASSWD:", "NOPASSWD"), tmp_path).returncode != 0
+
+
+def test_sshd_dropin_passes_sshd_t(tmp_path):
+    need(missing_binaries("sshd", "ssh-keygen"))
+    key = tmp_path / "host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30)
+    conf = tmp_path / "sshd_config"
+    conf.write_text(SSHD_DROPIN + f"HostKey {key}\n")
+    proc = subprocess.run(["/usr/sbin/sshd", "-T", "-f", str(conf)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    effective = set(proc.stdout.splitlines())
+    for line in ("permitrootlogin no", "passwordauthentication no", "kbdinteractiveauthentication no",
+                 "authenticationmethods publickey", "allowtcpforwarding no", "allowagentforwarding no",
+                 "x11forwarding no", "allowusers deploy", "allowusers provision"):
+        assert line in effective, line
+
+
+def test_root_keys_are_emptied_only_once_deploy_has_them():
+    import yaml
+
+    doc = yaml.safe_load(render_cloud_init("ssh-ed25519 AAAA deploy@x", "ssh-ed25519 BBBB provision"))
+    copy = next(c[2] for c in doc["runcmd"] if "authorized_keys.new" in " ".join(c))
+    steps_ = copy.split(" && ")
+    # Chained with &&: a failed copy leaves root's keys where they were (and root login is off anyway).
+    assert steps_[-1] == "truncate -c -s 0 /root/.ssh/authorized_keys"
+    assert any(s.startswith("install -m 0600 -o deploy") for s in steps_[:-1])
+
+
+BOOTSTRAP = ROOT / "scripts" / "node-bootstrap.sh"
+
+
+def _check_docker_key(key_file: Path, fpr: str) -> subprocess.CompletedProcess:
+    """The bootstrap's own check_docker_key, run from the script without its main."""
+    script = BOOTSTRAP.read_text().replace('\nmain "$@"\n', "\n")
+    return subprocess.run(["bash", "-c", script + '\ncheck_docker_key "$1"', "bootstrap", str(key_file)],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "DOCKER_KEY_FPR": fpr,
+                               "DOCKER_KEY_FPR_FILE": "/nonexistent"})
+
+
+@pytest.fixture(scope="module")
+def signing_key(tmp_path_factory) -> tuple[Path, str]:
+    need(missing_binaries("gpg"))
+    home = tmp_path_factory.mktemp("gnupg")
+    home.chmod(0o700)
+    env = {**os.environ, "GNUPGHOME": str(home)}
+    subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "test <t@example.invalid>",
+                    "ed25519", "sign", "never"], env=env, check=True, capture_output=True, timeout=60)
+    key = home / "key.asc"
+    key.write_text(subprocess.run(["gpg", "--armor", "--export"], env=env, check=True, capture_output=True,
+                                  text=True, timeout=30).stdout)
+    listing = subprocess.run(["gpg", "--with-colons", "--list-keys"], env=env, check=True, capture_output=True,
+                             text=True, timeout=30).stdout
+    fpr = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+    subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, capture_output=True, check=False)
+    return key, fpr
+
+
+def test_bootstrap_trusts_a_docker_key_with_the_expected_fingerprint(signing_key):
+    key, fpr = signing_key
+    proc = _check_docker_key(key, fpr)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_bootstrap_refuses_any_other_docker_key(signing_key, tmp_path):
+    key, fpr = signing_key
+    proc = _check_docker_key(key, "9DC858229FC7DD38854AE2D88D81803C0EBFCD88")  # Docker's: not this key
+    assert proc.returncode != 0 and f"primary key fingerprint(s) '{fpr}'" in proc.stderr
+    garbage = tmp_path / "gpg"
+    garbage.write_text("<html>captive portal</html>\n")
+    assert _check_docker_key(garbage, fpr).returncode != 0
+
+
+def test_bootstrap_default_fingerprint_is_dockers_published_one():
+    assert 'DOCKER_KEY_FPR="${DOCKER_KEY_FPR:-9DC858229FC7DD38854AE2D88D81803C0EBFCD88}"' in BOOTSTRAP.read_text()

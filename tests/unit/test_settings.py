@@ -103,6 +103,14 @@ BAD_INPUTS = [
     ({"database": "sqlite"}, "minitwit-ha:database", "managed, external or none"),
     ({"database": "external"}, "minitwit-ha:databaseUri", "required with database=external"),
     ({"databaseNodeCount": 5}, "minitwit-ha:databaseNodeCount", "1 to 3"),
+    ({"databaseSslMode": "disable"}, "minitwit-ha:databaseSslMode", "verify-full (checks the CA and the host name)"),
+    # external: the URI must verify at least as strictly as databaseSslMode asks (default verify-full).
+    ({"database": "external", "databaseUri": "postgresql://u:p@db.example:5432/app"},
+     "minitwit-ha:databaseUri", "sslmode=prefer (the default), which does not verify"),
+    ({"database": "external", "databaseUri": "postgresql://u:p@db.example:5432/app?sslmode=require"},
+     "minitwit-ha:databaseUri", "sslmode=require, which does not verify the server as databaseSslMode=verify-full"),
+    ({"database": "external", "databaseUri": "postgresql://u:p@db.example:5432/app?sslmode=verify-ca",
+      "databaseSslMode": "verify-full"}, "minitwit-ha:databaseUri", "add ?sslmode=verify-full&sslrootcert="),
     ({"regoin": "fra1"}, "minitwit-ha:regoin", "did you mean region"),
     ({"nodeOverrides": "standby=s-2vcpu-4gb"}, "minitwit-ha:nodeOverrides", "is not JSON"),
     ({"nodeOverrides": {"backup": {"dropletSize": "s-2vcpu-4gb"}}}, "minitwit-ha:nodeOverrides.backup",
@@ -308,3 +316,33 @@ def test_node_overrides_apply_to_one_node_and_say_which_is_rebuilt():
     # Empty (the default) and an app version.
     plain = load_settings(DictSource(base_config(appVersion="2024.06.1"), SECRET_KEYS), stack="test", project_dir=ROOT)
     assert plain.node_overrides == {} and plain.app_version == "2024.06.1"
+
+
+@pytest.mark.parametrize("uri_mode,setting", [("verify-full", "verify-full"), ("verify-full", "verify-ca"),
+                                              ("verify-ca", "verify-ca"), ("require", "require"),
+                                              (None, "require")])
+def test_external_uri_tls_at_least_as_strict_as_the_setting_loads(uri_mode, setting):
+    uri = "postgresql://u:SECRET-pw@db.example:5432/app" + (f"?sslmode={uri_mode}" if uri_mode else "")
+    s = load(base_config(database="external", databaseUri=uri, databaseSslMode=setting))
+    assert s.database.sslmode == setting and s.database.uri.reveal() == uri
+
+
+def test_a_refused_external_uri_is_never_echoed():
+    message = problems_for(base_config(database="external", databaseUri="postgresql://u:SECRET-pw@db.example/app"))
+    assert "SECRET-pw" not in message and "db.example" not in message
+
+
+def test_database_tls_defaults_to_verify_full():
+    assert load(base_config(database="managed")).database.sslmode == "verify-full"
+
+
+def test_managed_database_needs_the_compose_file_to_mount_its_ca(tmp_path):
+    compose = tmp_path / "compose.yaml"
+    compose.write_text((ROOT / "deploy" / "compose.yaml").read_text().replace(
+        "      - /etc/minitwit-ha/db-ca.crt:/etc/minitwit-ha/db-ca.crt:ro\n", ""))
+    message = problems_for(base_config(database="managed", composeFile=str(compose)))
+    assert "minitwit-ha:composeFile: does not mount the database's CA" in message
+    assert 'volumes: ["/etc/minitwit-ha/db-ca.crt:/etc/minitwit-ha/db-ca.crt:ro"]' in message
+    # Nothing to verify, nothing to mount: database=none, or TLS explicitly unverified.
+    load(base_config(database="none", composeFile=str(compose)))
+    load(base_config(database="managed", databaseSslMode="require", composeFile=str(compose)))
