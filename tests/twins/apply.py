@@ -73,7 +73,7 @@ class Result:
 @dataclass
 class Collected:
     steps: list[Step]
-    user_data: str
+    user_data: dict[str, str]     # per node: each carries its own pinned host key
     droplet_ids: dict[str, int]
     outputs: dict[str, Any] = field(default_factory=dict)
 
@@ -141,9 +141,9 @@ def collect(config: dict, secret_keys: frozenset[str], api_url: str, stack: str 
         steps.append(Step(r.name, node, "remote" if r.typ == REMOTE else "local", inputs,
                           sorted(str(getattr(d, "_name", d)) for d in deps), _timeout(opts)))
     droplets = {next(n for n in NODES if r.name.endswith(n)): r for r in mocks.of_type(DROPLET)}
-    user_data = {d.plain("userData") for d in droplets.values()}
+    user_data = {n: d.plain("userData") for n, d in droplets.items()}
     ids = {n: int(resolved["nodes"].value[n]["droplet_id"]) for n in NODES}
-    return Collected(steps, user_data.pop(), ids, {k: v.value for k, v in resolved.items()})
+    return Collected(steps, user_data, ids, {k: v.value for k, v in resolved.items()})
 
 
 class ApplyFailed(RuntimeError):

@@ -120,6 +120,10 @@ def build_repo(root: Path, url_path: str) -> Path:
             _run("gpg", "--batch", "--yes", "--clearsign", "-o", str(dist / "InRelease"), str(dist / "Release"),
                  env=env)
             (base / "gpg").write_text(_run("gpg", "--armor", "--export", env=env).stdout)
+            # The bootstrap trusts only a key with a known fingerprint; the twins name this one.
+            fpr = next(line.split(":")[9] for line in _run("gpg", "--with-colons", "--fingerprint", env=env)
+                       .stdout.splitlines() if line.startswith("fpr:"))
+            (root / "signing-key.fpr").write_text(fpr + "\n")
         finally:
             subprocess.run(["gpgconf", "--kill", "gpg-agent"], env=env, capture_output=True, check=False)
     return base

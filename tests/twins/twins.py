@@ -153,7 +153,7 @@ class Twins:
         self._save()
 
     # -- up ---------------------------------------------------------------------------------
-    def up(self, user_data: str, droplet_ids: dict[str, int], log=print) -> dict[str, float]:
+    def up(self, user_data: dict[str, str], droplet_ids: dict[str, int], log=print) -> dict[str, float]:
         """Build what is missing, boot both twins; returns each twin's boot time in seconds."""
         why = missing()
         if why:
@@ -173,7 +173,7 @@ class Twins:
             self._api(droplet_ids)
             boot = {}
             for node in NODES:
-                self._boot(node, image, user_data, droplet_ids[node])
+                self._boot(node, image, user_data[node], droplet_ids[node])
             for node in NODES:
                 boot[node] = self._wait_booted(node)
                 log(f"twins: {node} booted in {boot[node]:.1f}s ({self.state['booted'][node]['state']})")
@@ -281,6 +281,10 @@ class Twins:
         _write(seed / "meta-data", (f"instance-id: {droplet_id}\nlocal-hostname: minitwit-twins-{node}\n"
                                     f"public-keys:\n  - {self.public_key}\n"), 0o644)
         _write(seed / "user-data", user_data, 0o644)
+        # The stand-in Docker repository is signed with the twins' own key: the bootstrap's key check
+        # (DOCKER_KEY_FPR_FILE, root-owned) is told its fingerprint instead of Docker's.
+        _write(merged / "etc" / "minitwit-ha" / "docker-apt-key.fpr",
+               (self.home / "edge" / "www" / "signing-key.fpr").read_text(), 0o644)
         # Stand-ins, in the twin's upper layer only: the internet hosts the twin reaches are the
         # edge. cloud-init renders /etc/hosts from this template (manage_etc_hosts, as on a droplet).
         tmpl = merged / "etc" / "cloud" / "templates" / "hosts.debian.tmpl"
