@@ -55,7 +55,8 @@ ROUTER_ID = 51
 SCRIPT_USER = "nobody"  # exists on every Debian machine; droplets use keepalived_script
 BACKEND_PORT = 5000  # the app behind each node's HAProxy (appBackendPort)
 HEALTH_URL = f"http://127.0.0.1:{BACKEND_PORT}/latest"
-BINARIES = ("ip", "nft", "keepalived", "haproxy", "curl", "runuser", "setpriv", "sshd", "ssh", "ssh-keygen", "sudo", "visudo")
+BINARIES = ("ip", "nft", "keepalived", "haproxy", "curl", "runuser", "setpriv", "sshd", "ssh", "ssh-keygen", "sudo", "visudo",
+            "prometheus", "prometheus-node-exporter")
 DEPLOY_USER = "deploy"
 EDGE_TABLE = "mtha_edge"
 DB_CUT_TABLE = "mtha_dbcut"
