@@ -12,7 +12,7 @@ RUNS    ?= 3
 API     ?= realistic
 # Debian packages the lab and the tests use (installed by `make setup-lab` when run as root).
 LAB_PACKAGES := keepalived nftables iproute2 postgresql shellcheck openssh-server openssh-client sudo pgloader sqlite3 curl python3-venv \
-  haproxy prometheus debootstrap systemd-container openssl gnupg
+  haproxy prometheus prometheus-node-exporter debootstrap systemd-container openssl gnupg
 SHELL_SCRIPTS := $(wildcard scripts/mt-health scripts/*.sh scripts/ci/* .ci/run tests/lab/bin/*)
 
 .PHONY: help setup setup-lab lint test test-fast test-integration plan demo drill twins lab-down clean

@@ -24,6 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 HOLDER_WEIGHT = 100
 # The droplets' metadata service (link-local); containers must not reach it.
 METADATA_ADDR = "169.254.169.254"
+# Debian's prometheus-node-exporter (its textfile collector serves the scripts' .prom files):
+# admin CIDRs and the peer only, like HAProxy's exporter.
+NODE_EXPORTER_PORT = 9100
 SCRIPT_NAMES = ("mt-deploy", "mt-failover", "mt-health", "mt-healthwatch", "mt_observe.py")
 
 # Provisioning steps (one remote command each); a file's step decides what re-runs when it changes.
@@ -450,22 +453,24 @@ def render_nftables(facts: NodeFacts) -> str:
     ports = ", ".join(str(p) for p in sorted(set(facts.http_ports)))
     admin_sets = ""
     admin_rules = ""
-    admin_ports = "22" if facts.haproxy is None else f"{{ 22, {facts.haproxy.metrics_port} }}"
-    admin_also = "" if facts.haproxy is None else "; HAProxy's exporter too"
+    exporters = [NODE_EXPORTER_PORT] if facts.haproxy is None else [facts.haproxy.metrics_port, NODE_EXPORTER_PORT]
+    admin_ports = _nft_ports([22, *exporters])
     if v4:
         admin_sets += _nft_set("admin_v4", "ipv4_addr", v4)
         admin_rules += f"        tcp dport {admin_ports} ip saddr @admin_v4 accept\n"
     if v6:
         admin_sets += _nft_set("admin_v6", "ipv6_addr", v6)
         admin_rules += f"        tcp dport {admin_ports} ip6 saddr @admin_v6 accept\n"
-    peer_rules = peer_forward = ""
+    peer = f'iifname "{facts.private_interface}" ip saddr {facts.peer_private_ip}'
+    peer_rules = ("        # The exporters also for the peer over the VPC (it can scrape or check this node).\n"
+                  f"        tcp dport {_nft_ports(exporters)} {peer} accept\n")
+    peer_forward = ""
     if facts.haproxy is not None:
         h = facts.haproxy
-        peer = f'iifname "{facts.private_interface}" ip saddr {facts.peer_private_ip}'
-        peer_rules = ("        # The exporter also for the peer; the app's backend port only for the peer's HAProxy\n"
+        peer_rules = ("        # The exporters also for the peer; the app's backend port only for the peer's HAProxy\n"
                       "        # over the VPC (its fallback to this node's app): everyone else reaches the app only\n"
                       "        # through HAProxy.\n"
-                      f"        tcp dport {{ {h.backend_port}, {h.metrics_port} }} {peer} accept\n")
+                      f"        tcp dport {_nft_ports([h.backend_port, *exporters])} {peer} accept\n")
         peer_forward = ("        # Docker's DNAT of the backend port on the VPC address: the peer's HAProxy only.\n"
                         f"        ct state new ct status dnat meta l4proto tcp ct original proto-dst {h.backend_port} "
                         f"{peer} accept\n")
@@ -493,7 +498,8 @@ table inet minitwit_ha {{
         ip protocol icmp icmp type echo-request limit rate 10/second accept
         meta l4proto ipv6-icmp icmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded,
             parameter-problem, nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert }} accept
-        # SSH only from the admin CIDRs (and so only they can provision or roll out){admin_also}.
+        # SSH only from the admin CIDRs (and so only they can provision or roll out); the metrics
+        # exporters (node-exporter, HAProxy's) too: they tell an attacker the pair's state.
 {admin_rules}{peer_rules}        # The app, from anywhere.
         tcp dport {{ {ports} }} accept
         counter comment "dropped by policy"
@@ -520,6 +526,11 @@ table inet minitwit_ha {{
     }}
 }}
 """
+
+
+def _nft_ports(ports: list[int]) -> str:
+    """One port bare, several as an anonymous set (nft's own syntax for either)."""
+    return str(ports[0]) if len(ports) == 1 else "{ " + ", ".join(map(str, ports)) + " }"
 
 
 def _nft_set(name: str, kind: str, elements: str) -> str:

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 
 from infra.haproxy import METRICS_PORT, MONITOR_PORT, SERVE_MODES
+from infra.node import NODE_EXPORTER_PORT
 from infra.profiles import PROFILES
 from infra.schema import PROJECT, ConfigKey, load_schema
 
@@ -551,7 +552,7 @@ def _read_registry(r: _Reader, app_image: str) -> Registry | None:
 _CHECK_PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*$")
 # Ports the node uses itself: SSH, HAProxy's monitor and Prometheus exporter, node-exporter.
 _RESERVED_PORTS = {22: "SSH", MONITOR_PORT: "HAProxy's monitor (keepalived's check)",
-                   METRICS_PORT: "HAProxy's Prometheus exporter", 9100: "node-exporter"}
+                   METRICS_PORT: "HAProxy's Prometheus exporter", NODE_EXPORTER_PORT: "node-exporter"}
 
 
 def _check_backend_port(r: _Reader, key: str, app_port: int) -> int:

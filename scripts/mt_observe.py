@@ -125,6 +125,20 @@ class Log:
 # ---------------------------------------------------------------------------------------------
 # Files.
 
+LIBEXEC_SUFFIX = "/usr/libexec/minitwit-ha"
+
+
+def install_root(script_path: str, name: str) -> str | None:
+    """The root a script is installed under, `<root>/usr/libexec/minitwit-ha/<name>`: "" on a
+    droplet, the node's prefix in the lab; None when it runs from elsewhere (a checkout).
+
+    sudo resets the environment, so a script run through `sudo -n` finds its files from its own
+    path (which the sudoers rule names exactly), not from a variable."""
+    suffix = f"{LIBEXEC_SUFFIX}/{name}"
+    path = os.path.abspath(script_path)
+    return path[: -len(suffix)] if path.endswith(suffix) else None
+
+
 
 def write_atomically(path: str, text: str, mode: int = 0o644, fsync: bool = True) -> None:
     """tmp + rename in the same directory: readers see the old or the new file, never half.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """pairctl: see the pair from a laptop or CI.
 
-  pairctl.py status [--stack NAME | --outputs FILE] [--json]
+  pairctl.py status [--stack NAME | --outputs FILE] [--json] [--remote-root PREFIX]
 
 Reads the stack outputs (`pulumi stack output --json`, or a saved copy), asks each node over SSH
 as `deploy` for its read-only status (`sudo -n mt-failover status` and `sudo -n mt-deploy status`:
@@ -72,9 +72,11 @@ def load_outputs(args: argparse.Namespace) -> dict:
                          f".public_ipv4/.droplet_id ({type(e).__name__}: {e})") from None
 
 
-def node_status(host: str) -> dict:
-    """Both read-only status commands in one SSH session; {"error": ...} when the node cannot say."""
-    remote = "; ".join(f"sudo -n {LIBEXEC}/{script} status" for script in ("mt-failover", "mt-deploy"))
+def node_status(host: str, root: str = "") -> dict:
+    """Both read-only status commands in one SSH session; {"error": ...} when the node cannot say.
+    `root` prefixes the scripts' path (a lab node's root; empty on a droplet)."""
+    remote = "; ".join(f"sudo -n {shlex.quote(f'{root}{LIBEXEC}/{script}')} status"
+                       for script in ("mt-failover", "mt-deploy"))
     argv = shlex.split(os.environ.get("PAIRCTL_SSH", "ssh -o BatchMode=yes -o ConnectTimeout=10"))
     try:
         proc = subprocess.run([*argv, f"{SSH_USER}@{host}", remote], capture_output=True, text=True,
@@ -116,10 +118,11 @@ def api_holder(reserved_ip: str) -> tuple[int | None, str]:
     return (droplet.get("id") if isinstance(droplet, dict) else None), ""
 
 
-def collect(outputs: dict) -> dict:
+def collect(outputs: dict, remote_root: str = "") -> dict:
     with ThreadPoolExecutor(max_workers=3) as pool:
         holder_f = pool.submit(api_holder, outputs["reserved_ip"])
-        node_f = {n: pool.submit(node_status, outputs["nodes"][n]["public_ipv4"]) for n in NODES}
+        node_f = {n: pool.submit(node_status, outputs["nodes"][n]["public_ipv4"],
+                                 remote_root.replace("{node}", n).rstrip("/")) for n in NODES}
         holder, why = holder_f.result()
         nodes = {n: summarize(n, outputs["nodes"][n], node_f[n].result()) for n in NODES}
     by_id = {outputs["nodes"][n]["droplet_id"]: n for n in NODES}
@@ -199,13 +202,15 @@ def main(argv: list[str]) -> int:
     source.add_argument("--stack", help="pulumi stack name (passed to the outputs command)")
     source.add_argument("--outputs", help="a saved `pulumi stack output --json`")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--remote-root", default="", metavar="PREFIX",
+                   help="the nodes' files live under PREFIX ({node} is replaced by the node's name): the lab")
     args = parser.parse_args(argv)
     try:
         outputs = load_outputs(args)
     except UsageError as e:
         print(f"pairctl: {e}", file=sys.stderr)
         return EXIT_USAGE
-    report = collect(outputs)
+    report = collect(outputs, args.remote_root)
     sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render_table(report, time.time()))
     return EXIT_OK if report["redundant"] else EXIT_DEGRADED
 

@@ -53,9 +53,16 @@ def limits_for(name: str, action_s: float) -> dict[str, float]:
     """What each scenario must meet, given the API's action time. Keys: `failover_s` (median, at
     most), `ip_moves` / `ip_moves_after_heal` (any run, at most), `failed` (all runs, at most),
     `failed_outside_fault` (requests sent outside the fault window that failed, at most),
-    `detection_s` (median, at most)."""
+    `detection_s` (median, at most); from the observers: `metrics_moves_off` (|moves Prometheus
+    counted - moves the API made|, any run) and `master_alerts_off` (|"became MASTER" alerts - 1 if
+    the IP moved else 0|, any run)."""
     fail_over = action_s + 1.5   # detection (~0.7 s) + the API's requests (2 x 0.3 s) + the action
-    return {
+    # What the operator sees must match (tests/lab/scenarios_observe.py): Prometheus counts exactly
+    # the moves the API made, and a fault that moves the IP sends exactly one "became MASTER" alert
+    # (none when the IP stays).
+    seen = {"metrics_moves_off": 0}
+    seen_fault = {**seen, "master_alerts_off": 0}
+    limits = {
         # HAProxy answers from the peer's app: nothing fails and the IP stays where it is.
         "app-crash": {"failed": 0, "ip_moves": 0},
         # The node cannot serve at all: the IP moves once, failures bounded like node-down.
@@ -70,14 +77,22 @@ def limits_for(name: str, action_s: float) -> dict[str, float]:
         "node-freeze": {"ip_moves": 0, "failed_outside_fault": 0},
         "db-outage": {"ip_moves": 0},
     }.get(name, {})
+    if name in FAULT_OF:
+        return {**limits, **seen_fault}
+    return {**limits, **seen} if name in SCENARIOS else limits
 
 
 # More scenarios live in their own modules (rolling updates, hardening) and register here:
 # name -> fn(lab, workdir, runs) -> report entry (a dict with at least "name" and "passed").
 EXTRA_SCENARIOS: dict[str, Callable[[Lab, Path, int], dict]] = {}
-EXTRA_MODULES = ("tests.lab.scenarios_rollout", "tests.lab.scenarios_hardening")
+EXTRA_MODULES = ("tests.lab.scenarios_rollout", "tests.lab.scenarios_hardening", "tests.lab.scenarios_observe")
 # IP moves each extra scenario may cost (the drill counts them around the call).
-EXTRA_MOVE_LIMITS = {"rogue-vrrp": 0, "ssh-from-outside": 0, "http-open": 0, "planned-switchover": 1}
+EXTRA_MOVE_LIMITS = {"rogue-vrrp": 0, "ssh-from-outside": 0, "http-open": 0, "planned-switchover": 1,
+                     "metrics-ports": 0, "pairctl-status": 0, "token-revoked": 0}
+# Observers add numbers to every failover scenario's runs (tests/lab/scenarios_observe.py: the
+# alerts the webhook sink received, the IP moves Prometheus counted): fn(lab, scenario, t_fault,
+# ip_moves) -> {key: int or None}. The summary keeps each key's most in any run, and `<key>_runs`.
+RUN_OBSERVERS: list[Callable[[Lab, str, float, int], dict]] = []
 
 
 def scenario(name: str):
@@ -117,6 +132,7 @@ class RunResult:
     action_s: float | None = None
     notes: list[str] = field(default_factory=list)
     timeline: dict = field(default_factory=dict)
+    observed: dict = field(default_factory=dict)
 
 
 class Traffic:
@@ -304,6 +320,9 @@ def run_once(lab: Lab, scenario: str, workdir: Path, index: int) -> RunResult:
         masters_ok = False
     else:
         masters_ok = len(masters) == 1 and now_active is not None
+    observed: dict = {}
+    for observer in RUN_OBSERVERS:
+        observed.update(observer(lab, scenario, t_fault, len(moves)))
     detection_s = action_s = None
     if moves:
         detection_s, action_s = moves[0]["requested"] - t_fault, moves[0]["t"] - moves[0]["requested"]
@@ -317,6 +336,7 @@ def run_once(lab: Lab, scenario: str, workdir: Path, index: int) -> RunResult:
         detection_s=detection_s, action_s=action_s, notes=notes,
         timeline={"scenario": scenario, "run": index, "t0": t0, "t1": t1, "records": window,
                   "events": timeline_events(lab, marks, t0, t1)},
+        observed=observed,
     )
 
 
@@ -369,6 +389,10 @@ def summarize(name: str, runs: list[RunResult], action_s: float) -> dict:
         "rows_lost": sum(r.rows_lost for r in runs),
         "notes": sorted({n for r in runs for n in r.notes}),
     }
+    for key in sorted({k for r in runs for k in r.observed}):
+        values = [r.observed.get(key) for r in runs]
+        out[key] = None if None in values else max(values)
+        out[f"{key}_runs"] = values
     limits = limits_for(name, action_s)
     if "failover_s" in limits:
         out["target_s"] = round(limits["failover_s"], 3)

@@ -55,7 +55,8 @@ ROUTER_ID = 51
 SCRIPT_USER = "nobody"  # exists on every Debian machine; droplets use keepalived_script
 BACKEND_PORT = 5000  # the app behind each node's HAProxy (appBackendPort)
 HEALTH_URL = f"http://127.0.0.1:{BACKEND_PORT}/latest"
-BINARIES = ("ip", "nft", "keepalived", "haproxy", "curl", "runuser", "setpriv", "sshd", "ssh", "ssh-keygen", "sudo", "visudo")
+BINARIES = ("ip", "nft", "keepalived", "haproxy", "curl", "runuser", "setpriv", "sshd", "ssh", "ssh-keygen", "sudo", "visudo",
+            "prometheus", "prometheus-node-exporter")
 DEPLOY_USER = "deploy"
 EDGE_TABLE = "mtha_edge"
 DB_CUT_TABLE = "mtha_dbcut"
@@ -251,9 +252,11 @@ class Lab:
             self._edge()
             self._database()
             self._api()
+            self._alert_sink()  # before the nodes: their first MASTER alert is recorded too
             for node in NODES:
                 self._node(node, profile)
             self._ssh()
+            self._observability()
             self._outputs()
             self.state["up"] = True
             self._save()
@@ -729,6 +732,9 @@ class Lab:
         password = urlsplit(self.db_url()).password
         if password:
             out["database password"] = unquote(password)
+        hook = self.observe_dir / "webhook-path"
+        if hook.exists():  # a webhook URL's path is its credential (Slack, Discord)
+            out["alert webhook URL"] = hook.read_text().strip()
         return out
 
     def secret_homes(self) -> set[Path]:
@@ -736,8 +742,9 @@ class Lab:
         homes = {Path(self.state["token_file"]), Path(self.state["db"]["url_file"]),
                  *map(Path, self.state.get("node_token_files", {}).values())}
         for node in NODES:
-            homes |= {Path(node_paths(node).token_file), Path(node_paths(node).app_env)}
-        return homes
+            homes |= {Path(node_paths(node).token_file), Path(node_paths(node).app_env),
+                      Path(node_paths(node).alert_webhook_file)}
+        return homes | {self.observe_dir / "webhook-path"}
 
     def audit_secrets(self, extra: dict[str, str] | None = None) -> dict:
         """Search every file the lab wrote (logs, state, rendered files, traffic records, the API's
@@ -883,6 +890,92 @@ class Lab:
         self.state = {}
         return notes
 
+
+    # -- observability (issue #13): node-exporter, Prometheus, the webhook sink (tests/lab/observe.py)
+    @property
+    def observe_dir(self) -> Path:
+        return LAB_ROOT / "observe"
+
+    @property
+    def alerts_file(self) -> Path:
+        return self.observe_dir / "alerts.jsonl"
+
+    def _alert_sink(self) -> None:
+        """The webhook sink in `client` at the admin address; its URL in each node's 0600 alert file."""
+        from tests.lab import observe
+
+        d = self.observe_dir
+        d.mkdir(mode=0o755, parents=True, exist_ok=True)
+        path_file = d / "webhook-path"
+        _write(path_file, observe.new_webhook_path() + "\n", 0o600)
+        self.spawn("alert-sink", "client", [sys.executable, "-m", "tests.lab.observe", "sink", "--listen", ADMIN_ADDR,
+                                            "--port", str(observe.SINK_PORT), "--path-file", str(path_file),
+                                            "--out", str(self.alerts_file)])
+        wait_for(lambda: (d / "sink.ready").exists(), 10, "the webhook sink to listen")
+        url = f"http://{ADMIN_ADDR}:{observe.SINK_PORT}{path_file.read_text().strip()}"
+        for node in NODES:
+            _write(Path(node_paths(node).alert_webhook_file), url + "\n", 0o600)
+
+    def _observability(self) -> None:
+        """node-exporter in each node (textfile collector on its METRICS_DIR) and Prometheus in
+        `client`, bound to the admin address and scraping from it, with the shipped alert rules."""
+        from tests.lab import observe
+
+        user = observe.exporter_user()
+        for node in NODES:
+            metrics_dir = Path(node_paths(node).metrics_dir)
+            metrics_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+            self.spawn(f"{node}-node-exporter", node, observe.node_exporter_argv(str(metrics_dir)), user=user,
+                       cwd=LAB_ROOT)
+        d = self.observe_dir
+        rules = d / "alerts.yml"
+        _write(rules, observe.ALERT_RULES.read_text(), 0o644)
+        config = d / "prometheus.yml"
+        _write(config, json.dumps(observe.prometheus_config(PUBLIC, str(rules)), indent=2) + "\n", 0o644)
+        data = d / "prometheus-data"
+        observe.prepare_dir(data, user)
+        # Only Prometheus's connections leave from the admin address (the nodes admit their exporters
+        # only from there); every other client-namespace connection stays an internet client's.
+        uid = pwd.getpwnam(user).pw_uid
+        table = str(observe.UID_ROUTE_TABLE)
+        in_ns("client", "ip", "route", "add", "192.0.2.0/24", "dev", "eth0", "src", ADMIN_ADDR, "table", table)
+        in_ns("client", "ip", "rule", "add", "pref", "100", "uidrange", f"{uid}-{uid}", "lookup", table)
+        self.spawn("prometheus", "client", [
+            "prometheus", f"--config.file={config}", f"--storage.tsdb.path={data}",
+            f"--web.listen-address={ADMIN_ADDR}:{observe.PROM_PORT}", "--storage.tsdb.retention.time=1d",
+            "--log.level=warn"], user=user, cwd=LAB_ROOT)
+        want = 2 * len(NODES)  # node-exporter and HAProxy's exporter on each node
+        wait_for(lambda: self._targets_up() == want, 30, f"Prometheus to scrape all {want} exporters")
+
+    def _targets_up(self) -> int:
+        try:
+            return int(self.prom_value("count(up == 1)") or 0)
+        except LabError:
+            return 0
+
+    def prom_query(self, expr: str, at: float | None = None) -> list[dict]:
+        """An instant PromQL query at `at` (epoch; default now): Prometheus's result vector."""
+        from tests.lab import observe
+
+        args = ["curl", "--fail", "--silent", "--show-error", "--max-time", "5", "--get",
+                "--data-urlencode", f"query={expr}"]
+        if at is not None:
+            args += ["--data-urlencode", f"time={at:.3f}"]
+        out = in_ns("client", *args, f"http://{ADMIN_ADDR}:{observe.PROM_PORT}/api/v1/query", check=False)
+        if out.returncode != 0:
+            raise LabError(f"Prometheus query {expr!r} failed: {out.stderr.strip()}")
+        return json.loads(out.stdout)["data"]["result"]
+
+    def prom_value(self, expr: str, at: float | None = None) -> float | None:
+        """The query's single value; None when the result is empty."""
+        result = self.prom_query(expr, at)
+        return float(result[0]["value"][1]) if result else None
+
+    def alerts(self, since: float = 0.0, until: float | None = None) -> list[dict]:
+        """Messages the webhook sink received in [since, until]: [{"t", "text"}]."""
+        from tests.lab import observe
+
+        return observe.read_alerts(self.alerts_file, since, until)
 
 def _pg_ctl() -> Path:
     from tests.support.pg import pg_bindir

@@ -155,12 +155,57 @@ def test_only_the_app_ports_answer_from_the_internet(report):
 
 def test_secrets_audit_finds_nothing(report):
     audit = report["secrets_audit"]
-    assert audit["secrets"] == ["database password", "failover token", "failover token (primary)",
-                                "failover token (standby)"]
+    assert audit["secrets"] == ["alert webhook URL", "database password", "failover token",
+                                "failover token (primary)", "failover token (standby)"]
     assert audit["files_scanned"] > 50  # logs, state, rendered files, traffic records, API request log
     assert audit["findings"] == [] and audit["homes_not_0600"] == [] and audit["clean"]
     for text in (report["_raw"], report["_stdout"], report["_stderr"]):
         assert SENTINEL_TOKEN not in text and SENTINEL_DB_PASSWORD not in text
+
+
+@pytest.mark.parametrize("name", ("app-crash", *FAILOVER))
+def test_prometheus_and_the_webhook_agree_with_the_apis_moves(report, name):
+    """Per run: Prometheus counted exactly the moves the API made, and a fault that moved the IP sent
+    exactly one "became MASTER" alert (app-crash: no move, no such alert)."""
+    s = scenario(report, name)
+    assert s["metrics_ip_moves_runs"] == s["ip_moves_runs"], s
+    assert s["master_alerts_runs"] == [1 if moves else 0 for moves in s["ip_moves_runs"]], s
+    assert all(n >= m for n, m in zip(s["alerts_runs"], s["master_alerts_runs"], strict=True)), s
+    assert {"metrics_moves_off", "master_alerts_off"} <= set(s["limits"]) and s["passed"], s
+
+
+@pytest.mark.parametrize("name", ("node-down", "split-brain", "vpc-partition", "restart-both"))
+def test_prometheus_counts_the_moves_in_every_failover_scenario(report, name):
+    s = scenario(report, name)
+    assert s["metrics_ip_moves_runs"] == s["ip_moves_runs"], s
+
+
+def test_a_revoked_standby_token_shows_everywhere_within_the_interval_and_nothing_fails_over(report):
+    s = scenario(report, "token-revoked")
+    # 60 s interval + one reconciler pass (2 s + its metadata read) + the check's round trip + a scrape.
+    assert s["token_check_interval_s"] == 60 and s["limit_s"] <= 60 + 2 + 2 * report["api_latency_s"] + 1.0
+    assert set(s["seen_s"]) == {"log", "status", "prometheus", "alert"}, s
+    assert s["detect_s"] <= s["limit_s"], s
+    assert s["status_token_check"]["ok"] is False and s["status_token_check"]["result"] == "refused (HTTP 401)"
+    assert s["alerts"] == 1 and "failover token failed its check" in s["alert_texts"][0], s
+    assert s["ip_moves"] == 0 and s["transitions"] == 0 and s["failed"] == 0 and s["requests"] > 100, s
+    assert s["holder_after"] == s["holder_before"], s
+    assert s["restore_check_exit"] == 0 and s["restored_s"] is not None and s["passed"], s
+
+
+def test_no_metric_port_answers_the_internet_only_the_admin_address(report):
+    s = scenario(report, "metrics-ports")
+    assert s["passed"], json.dumps(s["checks"], indent=1)
+    got = [c["got"] for c in s["checks"].values()]
+    assert got.count("dropped") == 4 and sum(g.startswith("serves ") for g in got) == 4, s["checks"]
+    assert s["checks"]["Prometheus scrapes every exporter"]["got"] == "4 up"
+
+
+def test_pairctl_shows_the_pair_and_fails_with_keepalived_stopped(report):
+    s = scenario(report, "pairctl-status")
+    assert s["exit_redundant"] == 0 and s["exit_degraded"] == 1, s
+    assert any("no healthy BACKUP" in p for p in s["problems_degraded"]), s
+    assert s["passed"] and s["ip_moves"] == 0, s
 
 
 def test_the_drill_tore_the_lab_down(report):

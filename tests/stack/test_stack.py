@@ -168,7 +168,7 @@ def test_firewall_admits_vrrp_only_from_the_peer(stack_run, node, peer):
     rules = node_file(stack_run, node, "firewall", "/etc/nftables.conf")
     vrrp_accept = [ln.strip() for ln in rules.splitlines() if "vrrp" in ln and "accept" in ln]
     assert vrrp_accept == [f'meta l4proto vrrp iifname "eth1" ip saddr {nodes[peer]["private_ipv4"]} accept']
-    assert "tcp dport { 22, 8405 } ip saddr @admin_v4 accept" in rules and "198.51.100.0/24" in rules
+    assert "tcp dport { 22, 8405, 9100 } ip saddr @admin_v4 accept" in rules and "198.51.100.0/24" in rules
     assert "tcp dport { 80, 443 } accept" in rules
     assert "policy drop" in rules
 
@@ -179,13 +179,23 @@ def test_firewall_admits_the_backend_port_and_metrics_only_from_the_peer_over_th
     rules = node_file(stack_run, node, "firewall", "/etc/nftables.conf")
     mentions = [ln.strip() for ln in rules.splitlines() if "5000" in ln and not ln.strip().startswith("#")]
     assert mentions == [
-        f'tcp dport {{ 5000, 8405 }} iifname "eth1" ip saddr {peer_ip} accept',
+        f'tcp dport {{ 5000, 8405, 9100 }} iifname "eth1" ip saddr {peer_ip} accept',
         f'ct state new ct status dnat meta l4proto tcp ct original proto-dst 5000 iifname "eth1" '
         f'ip saddr {peer_ip} accept',
     ]
-    # The public ports stay 80/443: the backend port and the exporter are nobody else's.
+    # The public ports stay 80/443: the backend port and the exporters are nobody else's.
     assert [ln.strip() for ln in rules.splitlines() if "accept" in ln and "saddr" not in ln and "dport" in ln] == [
         "tcp dport { 80, 443 } accept"]
+
+
+@pytest.mark.parametrize("node,peer", [("primary", "standby"), ("standby", "primary")])
+def test_firewall_admits_node_exporter_only_from_admin_cidrs_and_the_peer(stack_run, node, peer):
+    """The textfile metrics (who is MASTER, the token check) are for the operator's Prometheus only."""
+    peer_ip = stack_run.outputs["nodes"].value[peer]["private_ipv4"]
+    rules = node_file(stack_run, node, "firewall", "/etc/nftables.conf")
+    mentions = [ln.strip() for ln in rules.splitlines() if "9100" in ln and not ln.strip().startswith("#")]
+    assert mentions == ["tcp dport { 22, 8405, 9100 } ip saddr @admin_v4 accept",
+                        f'tcp dport {{ 5000, 8405, 9100 }} iifname "eth1" ip saddr {peer_ip} accept']
 
 
 @pytest.mark.parametrize("node,peer", [("primary", "standby"), ("standby", "primary")])

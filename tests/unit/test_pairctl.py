@@ -94,6 +94,17 @@ def test_a_redundant_pair_exits_0_with_one_table(pair):
     assert [r["auth"] for r in fake.requests()] == ["ok"]
 
 
+def test_remote_root_prefixes_each_nodes_scripts(pair):
+    """The lab keeps each node's files under its own root: `--remote-root /run/lab/{node}`."""
+    run, answer, _, tmp_path = pair
+    answer("primary", node_docs("primary", "MASTER"))
+    answer("standby", node_docs("standby", "BACKUP"))
+    assert run("--remote-root", "/run/lab/{node}/").returncode == 0
+    calls = {c[-2]: c[-1] for c in map(json.loads, (tmp_path / "ssh.log").read_text().splitlines())}
+    assert calls["deploy@192.0.2.12"] == ("sudo -n /run/lab/standby/usr/libexec/minitwit-ha/mt-failover status; "
+                                          "sudo -n /run/lab/standby/usr/libexec/minitwit-ha/mt-deploy status")
+
+
 def test_a_node_down_is_not_redundant_and_says_why(pair):
     run, answer, fake, _ = pair
     answer("primary", None)  # ssh: no route to host

@@ -146,8 +146,10 @@ def test_ipv6_admin_cidrs_get_their_own_set():
                       admin_cidrs=("198.51.100.0/24", "2001:db8::/32"), http_ports=(80, 443, 8080),
                       health_url="http://127.0.0.1/latest")
     rules = render_nftables(facts)
-    assert "tcp dport 22 ip6 saddr @admin_v6 accept" in rules and "2001:db8::/32" in rules
+    assert "tcp dport { 22, 9100 } ip6 saddr @admin_v6 accept" in rules and "2001:db8::/32" in rules
     assert "tcp dport { 80, 443, 8080 } accept" in rules
+    # Without HAProxy: node-exporter alone for the peer, no backend port.
+    assert 'tcp dport 9100 iifname "eth1" ip saddr 10.0.0.3 accept' in rules and "5000" not in rules
 
 
 @pytest.mark.parametrize("role", ["primary", "standby", "both"])
