@@ -1,0 +1,292 @@
+"""`mt-failover handover`: the ExecStop of minitwit-ha-handover.service, run before a shutdown or
+reboot stops HAProxy, the app and keepalived (#16).
+
+The real script against the fake DigitalOcean API, with a stand-in peer (an HTTP server on
+loopback) and the peer's takeover played by the test: it waits for the drain flag keepalived
+would react to, then moves the IP at the fake API. Every way the handover can end lets the
+shutdown continue, within its bound, and says why; none leaves this node drained.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.lab.fakedo import FakeDO
+from tests.unit import test_mt_failover as base
+from tests.unit.test_mt_failover import IP, IP_PATH, ME, PEER, Node, posts, wait_until
+
+# The same fixtures (fake API, node, and their after-test check that the token never leaked).
+fake, node, python_bin = base.fake, base.node, base.python_bin
+
+TIMEOUT_S = 2.0   # HANDOVER_TIMEOUT_S in these tests; the rendered default is 30 s
+
+
+class PeerApp:
+    """The peer's public port: answers GET /latest with `status` (changeable while it runs)."""
+
+    def __init__(self, status: int = 200):
+        self.status = status
+        self.hits = 0
+        peer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                peer.hits += 1
+                self.send_response(peer.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def peer_app():
+    app = PeerApp()
+    yield app
+    app.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(node: Node, fake: FakeDO, port: int, holder: int | None = ME) -> Path:
+    """This node holds the IP (unless told otherwise); the peer listens on `port`. The flag's path."""
+    flag = node.root / "lib" / "maintenance"
+    node.write_env(MAINTENANCE_FLAG=str(flag), HANDOVER_TIMEOUT_S=str(TIMEOUT_S), HANDOVER_POLL_S="0.05",
+                   PEER_PRIVATE_IP="127.0.0.1", PEER_PUBLIC_IP="127.0.0.1", PEER_PORT=str(port),
+                   PEER_HEALTH_PATH="/latest")
+    fake.set_holder(IP, holder)
+    return flag
+
+
+class PeerKeepalived:
+    """Plays the peer's keepalived and notify: once the handover has asked the API who holds the IP
+    and the drain flag is there, the IP moves to the peer after `delay` (the API's action).
+    Records whether and when it saw the flag."""
+
+    def __init__(self, fake: FakeDO, flag: Path, delay: float = 0.5, take: bool = True):
+        self.flag_seen_at: float | None = None
+        self.flag_text = ""
+        self.stop = threading.Event()
+
+        def run() -> None:
+            while not self.stop.is_set():
+                asked = any(r["method"] == "GET" and r["path"] == IP_PATH for r in fake.requests())
+                if asked and flag.exists():
+                    self.flag_seen_at = time.monotonic()
+                    self.flag_text = flag.read_text()
+                    break
+                time.sleep(0.01)
+            else:
+                return
+            time.sleep(delay)
+            if take:
+                fake.set_holder(IP, PEER)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def outcome(proc) -> dict:  # noqa: ANN001
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, proc.stdout + proc.stderr
+    return json.loads(lines[0])
+
+
+def run_handover(node: Node, *args: str):  # noqa: ANN201
+    t0 = time.monotonic()
+    proc = node.run("handover", *args, timeout=TIMEOUT_S + 20)
+    return proc, time.monotonic() - t0
+
+
+# -- the holder hands over --------------------------------------------------------------------------
+
+
+def test_the_holder_drains_and_returns_once_the_peer_holds_the_ip_and_answers(node: Node, fake: FakeDO, peer_app):
+    flag = setup(node, fake, peer_app.port)
+    peer = PeerKeepalived(fake, flag, delay=0.5)
+    try:
+        proc, took = run_handover(node)
+    finally:
+        peer.close()
+    assert proc.returncode == 0, proc.stderr
+    doc = outcome(proc)
+    assert doc["handover"] == "done" and doc["holder"] == PEER and doc["node"] == "primary", doc
+    # It waited for the move (0.5 s after the flag), and not much longer.
+    assert peer.flag_seen_at is not None and peer.flag_text.startswith("handover by mt-failover")
+    assert 0.5 <= doc["seconds"] <= 2.0 and took < 5, (doc, took)
+    assert fake.holder(IP) == PEER and posts(fake) == []  # this node never assigns: the peer does
+    assert not flag.exists(), "the handover left this node drained"
+    assert "handover: reserved IP 203.0.113.10 is on droplet 102 and the peer answers through it" in proc.stderr
+
+
+def test_an_operators_drain_flag_is_waited_on_and_left_in_place(node: Node, fake: FakeDO, peer_app):
+    flag = setup(node, fake, peer_app.port)
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.write_text("drained by rollout-42 at 2026-12-01T10:00:00Z\n")
+    peer = PeerKeepalived(fake, flag, delay=0.2)
+    try:
+        proc, _ = run_handover(node)
+    finally:
+        peer.close()
+    assert proc.returncode == 0 and outcome(proc)["handover"] == "done", proc.stderr
+    assert flag.read_text().startswith("drained by rollout-42"), "an operator's drain must survive the handover"
+
+
+# -- every other ending lets the shutdown continue, and says why -------------------------------------
+
+
+def test_a_node_that_does_not_hold_the_ip_just_stops(node: Node, fake: FakeDO, peer_app):
+    flag = setup(node, fake, peer_app.port, holder=PEER)
+    peer = PeerKeepalived(fake, flag)
+    try:
+        proc, took = run_handover(node)
+    finally:
+        peer.close()
+    assert proc.returncode == 0 and outcome(proc)["handover"] == "not-holder", proc.stderr
+    assert "on droplet 102, not here: nothing to hand over" in proc.stderr
+    assert peer.flag_seen_at is None and not flag.exists() and took < 3
+
+
+@pytest.mark.parametrize("peer_state", ["closed", "503"])
+def test_an_unhealthy_peer_means_no_handover(node: Node, fake: FakeDO, peer_app, peer_state: str):
+    if peer_state == "503":
+        peer_app.status = 503
+    flag = setup(node, fake, closed_port() if peer_state == "closed" else peer_app.port)
+    peer = PeerKeepalived(fake, flag)
+    try:
+        proc, took = run_handover(node)
+    finally:
+        peer.close()
+    assert proc.returncode == 6, proc.stderr
+    doc = outcome(proc)
+    assert doc["handover"] == "no-healthy-peer" and doc["holder"] == ME, doc
+    assert "no healthy peer to hand over to" in proc.stderr
+    assert ("HTTP 503" if peer_state == "503" else "refused") in doc["detail"]
+    assert peer.flag_seen_at is None, "drained towards a peer that cannot serve"
+    assert fake.holder(IP) == ME and took < 4
+
+
+def test_an_api_that_cannot_answer_means_no_handover(node: Node, fake: FakeDO, peer_app):
+    flag = setup(node, fake, peer_app.port)
+    fake.inject(500, count=5, match="get")
+    peer = PeerKeepalived(fake, flag)
+    try:
+        proc, took = run_handover(node)
+    finally:
+        peer.close()
+    assert proc.returncode == 3, proc.stderr
+    doc = outcome(proc)
+    assert doc["handover"] == "api-error" and "HTTP 500" in doc["detail"], doc
+    assert "the peer could not move it either: stopping without a handover" in proc.stderr
+    assert peer.flag_seen_at is None and took < 4
+
+
+def test_an_api_failing_during_the_wait_ends_at_the_timeout(node: Node, fake: FakeDO, peer_app):
+    flag = setup(node, fake, peer_app.port)
+    peer = PeerKeepalived(fake, flag, take=False)
+    wait = threading.Thread(target=lambda: (wait_until(lambda: peer.flag_seen_at is not None),
+                                            fake.inject(500, count=1000, match="get")), daemon=True)
+    wait.start()
+    try:
+        proc, took = run_handover(node)
+    finally:
+        peer.close()
+    assert proc.returncode == 3, proc.stderr
+    doc = outcome(proc)
+    assert doc["handover"] == "timeout" and "HTTP 500" in doc["detail"], doc
+    assert "letting the shutdown continue" in proc.stderr
+    assert proc.stderr.count("cannot read the holder, asking again") == 1  # once per kind of error, no flood
+    assert TIMEOUT_S <= took < TIMEOUT_S + 3 and not flag.exists()
+
+
+def test_a_peer_that_never_takes_the_ip_ends_at_the_timeout(node: Node, fake: FakeDO, peer_app):
+    flag = setup(node, fake, peer_app.port)
+    peer = PeerKeepalived(fake, flag, take=False)
+    try:
+        proc, took = run_handover(node)
+    finally:
+        peer.close()
+    assert proc.returncode == 3, proc.stderr
+    doc = outcome(proc)
+    assert doc["handover"] == "timeout" and doc["holder"] == ME, doc
+    assert f"timed out after {TIMEOUT_S:g} s (the API still names this droplet): letting the shutdown continue" \
+        in proc.stderr
+    assert peer.flag_seen_at is not None and TIMEOUT_S <= took < TIMEOUT_S + 3
+    assert not flag.exists(), "a timed-out handover left this node drained"
+
+
+def test_the_peer_must_answer_where_the_ip_now_leads(node: Node, fake: FakeDO, peer_app):
+    """The API naming the peer is not enough: a peer that stopped answering is waited on."""
+    flag = setup(node, fake, peer_app.port)
+    peer = PeerKeepalived(fake, flag, delay=0.1)
+    threading.Thread(target=lambda: (wait_until(lambda: peer.flag_seen_at is not None),
+                                     setattr(peer_app, "status", 503)), daemon=True).start()
+    try:
+        proc, _ = run_handover(node)
+    finally:
+        peer.close()
+    assert proc.returncode == 3, proc.stderr
+    assert "the API names droplet 102, but the peer does not answer yet" in outcome(proc)["detail"]
+
+
+def test_sigterm_from_systemd_ends_it_at_once_and_undrains(node: Node, fake: FakeDO, peer_app):
+    flag = setup(node, fake, peer_app.port)
+    node.write_env(HANDOVER_TIMEOUT_S="60")
+    proc = node.start("handover")
+    wait_until(flag.exists)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = node.finish(proc, timeout=10)
+    assert code == 3 and time.monotonic() - t0 < 2, err
+    assert "handover: interrupted (SIGTERM): letting the shutdown continue" in err
+    assert not flag.exists()
+
+
+# -- boot and configuration ------------------------------------------------------------------------
+
+
+def test_release_at_boot_removes_only_a_flag_a_handover_left(node: Node, fake: FakeDO, peer_app):
+    flag = setup(node, fake, peer_app.port)
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.write_text("handover by mt-failover at 2026-12-01T10:00:00Z (pid 1): removed when the handover ends\n")
+    assert node.run("handover", "--release").returncode == 0 and not flag.exists()
+    flag.write_text("drained by operator at 2026-12-01T10:00:00Z\n")
+    assert node.run("handover", "--release").returncode == 0 and flag.exists()
+    assert node.run("handover", "--release").returncode == 0  # and again: idempotent
+    assert api_free(fake), "--release needs no API call"
+
+
+def api_free(fake: FakeDO) -> bool:
+    return not [r for r in fake.requests() if r["path"].startswith("/v2/")]
+
+
+def test_handover_without_a_maintenance_flag_path_is_a_config_error(node: Node, fake: FakeDO):
+    proc = node.run("handover")
+    assert proc.returncode == 2
+    assert "MAINTENANCE_FLAG='' is invalid: handover needs the absolute path" in proc.stderr
+    assert api_free(fake)
