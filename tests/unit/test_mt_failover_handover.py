@@ -10,8 +10,10 @@ shutdown continue, within its bound, and says why; none leaves this node drained
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -290,3 +292,40 @@ def test_handover_without_a_maintenance_flag_path_is_a_config_error(node: Node, 
     assert proc.returncode == 2
     assert "MAINTENANCE_FLAG='' is invalid: handover needs the absolute path" in proc.stderr
     assert api_free(fake)
+
+
+# -- the rollout's path: `sudo -n mt-deploy handover` before it powers a node off ---------------------
+
+
+def install_deploy(node: Node, tmp_path: Path) -> Path:
+    """mt-deploy and mt-failover installed under a root, as on a droplet, with this node's settings."""
+    root = tmp_path / "droplet"
+    libexec = root / "usr/libexec/minitwit-ha"
+    libexec.mkdir(parents=True)
+    for name in ("mt-deploy", "mt-failover", "mt_observe.py"):
+        shutil.copy2(base.ROOT / "scripts" / name, libexec / name)
+    etc = root / "etc/minitwit-ha"
+    etc.mkdir(parents=True)
+    shutil.copy2(node.env_file, etc / "failover.env")
+    (etc / "health.env").write_text(f"HEALTH_URL=http://127.0.0.1:1/latest\nMAINTENANCE_FLAG={node.values['MAINTENANCE_FLAG']}\n")
+    return libexec / "mt-deploy"
+
+
+@pytest.mark.parametrize("peer_healthy", [True, False])
+def test_mt_deploy_handover_runs_the_same_path_for_a_rollout(node: Node, fake: FakeDO, peer_app, tmp_path: Path,
+                                                              peer_healthy: bool):
+    flag = setup(node, fake, peer_app.port if peer_healthy else closed_port())
+    script = install_deploy(node, tmp_path)
+    peer = PeerKeepalived(fake, flag, delay=0.2)
+    try:  # what `sudo -n` leaves: no settings in the environment
+        proc = subprocess.run([str(script), "handover"], env={"PATH": f"{node.python_bin}:/usr/bin:/bin"},
+                              capture_output=True, text=True, timeout=TIMEOUT_S + 20)
+    finally:
+        peer.close()
+    node.captured += [proc.stdout, proc.stderr]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    if peer_healthy:
+        assert proc.returncode == 0 and doc["handover"] == "done" and fake.holder(IP) == PEER, proc.stderr
+    else:
+        assert proc.returncode == 6 and doc["handover"] == "no-healthy-peer" and fake.holder(IP) == ME, proc.stderr
+    assert not flag.exists()
