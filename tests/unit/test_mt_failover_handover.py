@@ -86,7 +86,7 @@ class PeerKeepalived:
     and the drain flag is there, the IP moves to the peer after `delay` (the API's action).
     Records whether and when it saw the flag."""
 
-    def __init__(self, fake: FakeDO, flag: Path, delay: float = 0.5, take: bool = True):
+    def __init__(self, fake: FakeDO, flag: Path, delay: float = 0.5, take: bool = True, then=None):  # noqa: ANN001
         self.flag_seen_at: float | None = None
         self.flag_text = ""
         self.stop = threading.Event()
@@ -97,6 +97,8 @@ class PeerKeepalived:
                 if asked and flag.exists():
                     self.flag_seen_at = time.monotonic()
                     self.flag_text = flag.read_text()
+                    if then is not None:  # what else changes once the node is draining
+                        then()
                     break
                 time.sleep(0.01)
             else:
@@ -119,10 +121,15 @@ def outcome(proc) -> dict:  # noqa: ANN001
     return json.loads(lines[0])
 
 
-def run_handover(node: Node, *args: str):  # noqa: ANN201
+def handover_under(node: Node, fake: FakeDO, flag: Path, run=None, **peer: object):  # noqa: ANN001, ANN201
+    """`mt-failover handover` (or `run`) while the peer plays its part: (process, seconds, the peer)."""
+    keepalived = PeerKeepalived(fake, flag, **peer)
     t0 = time.monotonic()
-    proc = node.run("handover", *args, timeout=TIMEOUT_S + 20)
-    return proc, time.monotonic() - t0
+    try:
+        proc = run() if run is not None else node.run("handover", timeout=TIMEOUT_S + 20)
+    finally:
+        keepalived.close()
+    return proc, time.monotonic() - t0, keepalived
 
 
 # -- the holder hands over --------------------------------------------------------------------------
@@ -130,11 +137,7 @@ def run_handover(node: Node, *args: str):  # noqa: ANN201
 
 def test_the_holder_drains_and_returns_once_the_peer_holds_the_ip_and_answers(node: Node, fake: FakeDO, peer_app):
     flag = setup(node, fake, peer_app.port)
-    peer = PeerKeepalived(fake, flag, delay=0.5)
-    try:
-        proc, took = run_handover(node)
-    finally:
-        peer.close()
+    proc, took, peer = handover_under(node, fake, flag, delay=0.5)
     assert proc.returncode == 0, proc.stderr
     doc = outcome(proc)
     assert doc["handover"] == "done" and doc["holder"] == PEER and doc["node"] == "primary", doc
@@ -150,11 +153,7 @@ def test_an_operators_drain_flag_is_waited_on_and_left_in_place(node: Node, fake
     flag = setup(node, fake, peer_app.port)
     flag.parent.mkdir(parents=True, exist_ok=True)
     flag.write_text("drained by rollout-42 at 2026-12-01T10:00:00Z\n")
-    peer = PeerKeepalived(fake, flag, delay=0.2)
-    try:
-        proc, _ = run_handover(node)
-    finally:
-        peer.close()
+    proc, _, peer = handover_under(node, fake, flag, delay=0.2)
     assert proc.returncode == 0 and outcome(proc)["handover"] == "done", proc.stderr
     assert flag.read_text().startswith("drained by rollout-42"), "an operator's drain must survive the handover"
 
@@ -164,11 +163,7 @@ def test_an_operators_drain_flag_is_waited_on_and_left_in_place(node: Node, fake
 
 def test_a_node_that_does_not_hold_the_ip_just_stops(node: Node, fake: FakeDO, peer_app):
     flag = setup(node, fake, peer_app.port, holder=PEER)
-    peer = PeerKeepalived(fake, flag)
-    try:
-        proc, took = run_handover(node)
-    finally:
-        peer.close()
+    proc, took, peer = handover_under(node, fake, flag)
     assert proc.returncode == 0 and outcome(proc)["handover"] == "not-holder", proc.stderr
     assert "on droplet 102, not here: nothing to hand over" in proc.stderr
     assert peer.flag_seen_at is None and not flag.exists() and took < 3
@@ -179,11 +174,7 @@ def test_an_unhealthy_peer_means_no_handover(node: Node, fake: FakeDO, peer_app,
     if peer_state == "503":
         peer_app.status = 503
     flag = setup(node, fake, closed_port() if peer_state == "closed" else peer_app.port)
-    peer = PeerKeepalived(fake, flag)
-    try:
-        proc, took = run_handover(node)
-    finally:
-        peer.close()
+    proc, took, peer = handover_under(node, fake, flag)
     assert proc.returncode == 6, proc.stderr
     doc = outcome(proc)
     assert doc["handover"] == "no-healthy-peer" and doc["holder"] == ME, doc
@@ -196,11 +187,7 @@ def test_an_unhealthy_peer_means_no_handover(node: Node, fake: FakeDO, peer_app,
 def test_an_api_that_cannot_answer_means_no_handover(node: Node, fake: FakeDO, peer_app):
     flag = setup(node, fake, peer_app.port)
     fake.inject(500, count=5, match="get")
-    peer = PeerKeepalived(fake, flag)
-    try:
-        proc, took = run_handover(node)
-    finally:
-        peer.close()
+    proc, took, peer = handover_under(node, fake, flag)
     assert proc.returncode == 3, proc.stderr
     doc = outcome(proc)
     assert doc["handover"] == "api-error" and "HTTP 500" in doc["detail"], doc
@@ -210,14 +197,8 @@ def test_an_api_that_cannot_answer_means_no_handover(node: Node, fake: FakeDO, p
 
 def test_an_api_failing_during_the_wait_ends_at_the_timeout(node: Node, fake: FakeDO, peer_app):
     flag = setup(node, fake, peer_app.port)
-    peer = PeerKeepalived(fake, flag, take=False)
-    wait = threading.Thread(target=lambda: (wait_until(lambda: peer.flag_seen_at is not None),
-                                            fake.inject(500, count=1000, match="get")), daemon=True)
-    wait.start()
-    try:
-        proc, took = run_handover(node)
-    finally:
-        peer.close()
+    proc, took, _ = handover_under(node, fake, flag, take=False,
+                                   then=lambda: fake.inject(500, count=1000, match="get"))
     assert proc.returncode == 3, proc.stderr
     doc = outcome(proc)
     assert doc["handover"] == "timeout" and "HTTP 500" in doc["detail"], doc
@@ -228,11 +209,7 @@ def test_an_api_failing_during_the_wait_ends_at_the_timeout(node: Node, fake: Fa
 
 def test_a_peer_that_never_takes_the_ip_ends_at_the_timeout(node: Node, fake: FakeDO, peer_app):
     flag = setup(node, fake, peer_app.port)
-    peer = PeerKeepalived(fake, flag, take=False)
-    try:
-        proc, took = run_handover(node)
-    finally:
-        peer.close()
+    proc, took, peer = handover_under(node, fake, flag, take=False)
     assert proc.returncode == 3, proc.stderr
     doc = outcome(proc)
     assert doc["handover"] == "timeout" and doc["holder"] == ME, doc
@@ -245,13 +222,7 @@ def test_a_peer_that_never_takes_the_ip_ends_at_the_timeout(node: Node, fake: Fa
 def test_the_peer_must_answer_where_the_ip_now_leads(node: Node, fake: FakeDO, peer_app):
     """The API naming the peer is not enough: a peer that stopped answering is waited on."""
     flag = setup(node, fake, peer_app.port)
-    peer = PeerKeepalived(fake, flag, delay=0.1)
-    threading.Thread(target=lambda: (wait_until(lambda: peer.flag_seen_at is not None),
-                                     setattr(peer_app, "status", 503)), daemon=True).start()
-    try:
-        proc, _ = run_handover(node)
-    finally:
-        peer.close()
+    proc, _, _ = handover_under(node, fake, flag, delay=0.1, then=lambda: setattr(peer_app, "status", 503))
     assert proc.returncode == 3, proc.stderr
     assert "the API names droplet 102, but the peer does not answer yet" in outcome(proc)["detail"]
 
@@ -316,12 +287,10 @@ def test_mt_deploy_handover_runs_the_same_path_for_a_rollout(node: Node, fake: F
                                                               peer_healthy: bool):
     flag = setup(node, fake, peer_app.port if peer_healthy else closed_port())
     script = install_deploy(node, tmp_path)
-    peer = PeerKeepalived(fake, flag, delay=0.2)
-    try:  # what `sudo -n` leaves: no settings in the environment
-        proc = subprocess.run([str(script), "handover"], env={"PATH": f"{node.python_bin}:/usr/bin:/bin"},
-                              capture_output=True, text=True, timeout=TIMEOUT_S + 20)
-    finally:
-        peer.close()
+    # What `sudo -n` leaves: no settings in the environment.
+    proc, _, _ = handover_under(node, fake, flag, delay=0.2, run=lambda: subprocess.run(
+        [str(script), "handover"], env={"PATH": f"{node.python_bin}:/usr/bin:/bin"}, capture_output=True, text=True,
+        timeout=TIMEOUT_S + 20))
     node.captured += [proc.stdout, proc.stderr]
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
     if peer_healthy:
