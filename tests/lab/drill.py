@@ -75,9 +75,10 @@ def limits_for(name: str, action_s: float) -> dict[str, float]:
 # More scenarios live in their own modules (rolling updates, hardening) and register here:
 # name -> fn(lab, workdir, runs) -> report entry (a dict with at least "name" and "passed").
 EXTRA_SCENARIOS: dict[str, Callable[[Lab, Path, int], dict]] = {}
-EXTRA_MODULES = ("tests.lab.scenarios_rollout", "tests.lab.scenarios_hardening")
+EXTRA_MODULES = ("tests.lab.scenarios_rollout", "tests.lab.scenarios_hardening", "tests.lab.scenarios_reboot")
 # IP moves each extra scenario may cost (the drill counts them around the call).
-EXTRA_MOVE_LIMITS = {"rogue-vrrp": 0, "ssh-from-outside": 0, "http-open": 0, "planned-switchover": 1}
+EXTRA_MOVE_LIMITS = {"rogue-vrrp": 0, "ssh-from-outside": 0, "http-open": 0, "planned-switchover": 1,
+                     "holder-reboot": 1, "standby-reboot": 0}
 
 
 def scenario(name: str):

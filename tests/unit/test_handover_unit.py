@@ -48,7 +48,7 @@ def test_its_stop_hands_over_before_anything_that_serves_stops(rendered):
     assert unit.step == STEP_FAILOVER and unit.mode == 0o644
     u = parse_unit(unit.content)
     after = {name for value in u["After"] for name in value.split()}
-    assert SERVING <= after, SERVING - after
+    assert after >= SERVING, SERVING - after
     assert "Before" not in u and "DefaultDependencies" not in u  # stopped by shutdown.target like any service
     assert u["Type"] == ["oneshot"] and u["RemainAfterExit"] == ["yes"]  # active until shutdown: ExecStop runs then
     assert u["ExecStop"] == ["/usr/libexec/minitwit-ha/mt-failover handover"]
@@ -62,7 +62,7 @@ def test_the_handover_ends_on_its_own_well_inside_the_stop_timeout(rendered):
     env = env_values(rendered["/etc/minitwit-ha/failover.env"].content)
     assert u["Environment"] == ["MT_FAILOVER_ENV=/etc/minitwit-ha/failover.env"]
     timeout = float(env["HANDOVER_TIMEOUT_S"])
-    assert 10 <= timeout and int(u["TimeoutStopSec"][0]) >= timeout + 10
+    assert timeout >= 10 and int(u["TimeoutStopSec"][0]) >= timeout + 10
     # The same drain flag the watcher and mt-health act on.
     health = env_values(rendered["/etc/minitwit-ha/health.env"].content)
     assert env["MAINTENANCE_FLAG"] == health["MAINTENANCE_FLAG"] == "/var/lib/minitwit-ha/maintenance"

@@ -28,7 +28,7 @@ from tests.unit.test_mt_failover import IP, IP_PATH, ME, PEER, Node, posts, wait
 # The same fixtures (fake API, node, and their after-test check that the token never leaked).
 fake, node, python_bin = base.fake, base.node, base.python_bin
 
-TIMEOUT_S = 2.0   # HANDOVER_TIMEOUT_S in these tests; the rendered default is 30 s
+TIMEOUT_S = 3.0   # HANDOVER_TIMEOUT_S in these tests; the rendered default is 30 s
 
 
 class PeerApp:
@@ -137,15 +137,20 @@ def handover_under(node: Node, fake: FakeDO, flag: Path, run=None, **peer: objec
 
 def test_the_holder_drains_and_returns_once_the_peer_holds_the_ip_and_answers(node: Node, fake: FakeDO, peer_app):
     flag = setup(node, fake, peer_app.port)
+    holder_file = node.state_dir / "holder"
+    node.state_dir.mkdir(parents=True, exist_ok=True)
+    holder_file.write_text("1\n")  # keepalived's weight for the holder, as the reconciler keeps it
+    node.write_env(HOLDER_FILE=str(holder_file))
     proc, took, peer = handover_under(node, fake, flag, delay=0.5)
     assert proc.returncode == 0, proc.stderr
     doc = outcome(proc)
     assert doc["handover"] == "done" and doc["holder"] == PEER and doc["node"] == "primary", doc
     # It waited for the move (0.5 s after the flag), and not much longer.
     assert peer.flag_seen_at is not None and peer.flag_text.startswith("handover by mt-failover")
-    assert 0.5 <= doc["seconds"] <= 2.0 and took < 5, (doc, took)
+    assert 0.5 <= doc["seconds"] < TIMEOUT_S and took < TIMEOUT_S + 3, (doc, took)
     assert fake.holder(IP) == PEER and posts(fake) == []  # this node never assigns: the peer does
     assert not flag.exists(), "the handover left this node drained"
+    assert holder_file.read_text() == "0\n", "back from its reboot, this node would outrank the new holder"
     assert "handover: reserved IP 203.0.113.10 is on droplet 102 and the peer answers through it" in proc.stderr
 
 
@@ -235,7 +240,7 @@ def test_sigterm_from_systemd_ends_it_at_once_and_undrains(node: Node, fake: Fak
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     code, _, err = node.finish(proc, timeout=10)
-    assert code == 3 and time.monotonic() - t0 < 2, err
+    assert code == 3 and time.monotonic() - t0 < 5, err  # at once, give or take a loaded machine
     assert "handover: interrupted (SIGTERM): letting the shutdown continue" in err
     assert not flag.exists()
 
