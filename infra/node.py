@@ -28,6 +28,12 @@ METADATA_ADDR = "169.254.169.254"
 # admin CIDRs and the peer only, like HAProxy's exporter.
 NODE_EXPORTER_PORT = 9100
 SCRIPT_NAMES = ("mt-deploy", "mt-failover", "mt-health", "mt-healthwatch", "mt_observe.py")
+# A shutdown of the holder waits at most this long for the peer to take the reserved IP (a move is
+# ~5 s at DigitalOcean, more with 422/429 retries); systemd's stop timeout for the handover unit
+# leaves a margin on top, so the handover always ends on its own terms and says how.
+HANDOVER_TIMEOUT_S = 30
+HANDOVER_STOP_MARGIN_S = 15
+HANDOVER_UNIT = "minitwit-ha-handover.service"
 
 # Provisioning steps (one remote command each); a file's step decides what re-runs when it changes.
 STEP_FAILOVER = "failover"      # scripts, env files, systemd units -> restart watcher and reconciler
@@ -390,6 +396,11 @@ def render_failover_env(facts: NodeFacts) -> str:
         "ALERT_WEBHOOK_FILE": paths.alert_webhook_file,
         "TOKEN_CHECK_INTERVAL_S": "60",
         "ALLOW_INSECURE_HTTP": "1" if facts.allow_insecure_http else "0",
+        # `handover` (a shutdown of the holder): the drain flag health.env's watcher reacts to, and
+        # its bound (the unit's TimeoutStopSec is larger).
+        "MAINTENANCE_FLAG": paths.maintenance_flag,
+        "HANDOVER_TIMEOUT_S": str(HANDOVER_TIMEOUT_S),
+        "HANDOVER_POLL_S": "0.5",
     }
     return _env_file(_header(facts, "Failover settings (read by mt-failover)"), lines)
 
@@ -588,6 +599,37 @@ ReadWritePaths={paths.state_dir} {paths.lib_dir} -{paths.metrics_dir}
 [Install]
 WantedBy=multi-user.target
 """
+    handover = f"""# minitwit-ha: a shutdown or reboot of the holder hands the reserved IP over first (#16).
+[Unit]
+Description=minitwit-ha reserved-IP handover at shutdown
+# systemd stops units in the reverse order it starts them: After= everything that serves or
+# decides means this unit's ExecStop runs (and ends) before HAProxy, the app (docker), keepalived,
+# the watcher, the reconciler, the network or DNS are stopped, so this node keeps answering while
+# the peer takes the IP.
+After=network-online.target nss-lookup.target nftables.service docker.service haproxy.service
+After=keepalived.service minitwit-ha-healthwatch.service minitwit-ha-reconcile.service
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+Environment=MT_FAILOVER_ENV={paths.failover_env}
+# At boot: remove a drain flag a handover left when it was killed (never an operator's drain).
+# "-": even if that fails the unit must become active, or its ExecStop would never run.
+ExecStart=-{paths.script('mt-failover')} handover --release
+# Only the holder, only to a peer that answers; waits at most HANDOVER_TIMEOUT_S={HANDOVER_TIMEOUT_S}
+# (failover.env) for the API to name the peer and the peer to answer, then lets the shutdown go on.
+ExecStop={paths.script('mt-failover')} handover
+TimeoutStopSec={HANDOVER_TIMEOUT_S + HANDOVER_STOP_MARGIN_S}
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+# The drain flag lives in {paths.lib_dir}.
+ReadWritePaths={paths.state_dir} {paths.lib_dir}
+
+[Install]
+WantedBy=multi-user.target
+"""
     keepalived_dropin = """# minitwit-ha: start keepalived after the firewall and the watcher it reads.
 [Unit]
 After=nftables.service minitwit-ha-healthwatch.service
@@ -600,6 +642,7 @@ d {paths.lib_dir} 0755 root root -
     return {
         f"{paths.systemd_dir}/minitwit-ha-healthwatch.service": watch,
         f"{paths.systemd_dir}/minitwit-ha-reconcile.service": reconcile,
+        f"{paths.systemd_dir}/{HANDOVER_UNIT}": handover,
         f"{paths.systemd_dir}/keepalived.service.d/minitwit-ha.conf": keepalived_dropin,
         paths.tmpfiles_conf: tmpfiles,
     }

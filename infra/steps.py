@@ -16,7 +16,7 @@ import shlex
 import tarfile
 
 from infra.haproxy import BACKEND, LOCAL_SERVER, PEER_SERVER
-from infra.node import NodeFile, NodePaths
+from infra.node import HANDOVER_UNIT, NodeFile, NodePaths
 
 # keepalived 2.2.7 (Debian 12) kills itself with SIGTERM after a *clean* `-t` run (exit 143; fixed
 # in 2.2.8, acassen/keepalived#2587), and it reports unknown keywords only as warnings. So a config
@@ -115,6 +115,9 @@ def failover_command(paths: NodePaths) -> str:
         f"sudo systemctl enable {units}",
         "# Restart so the watcher and the reconciler run the scripts and settings just installed.",
         f"sudo systemctl restart {units}",
+        "# Never restart the handover unit: its stop hands the reserved IP over. Start is a no-op",
+        "# while it is active (ExecStart only clears a flag a killed handover left).",
+        f"sudo systemctl enable --now {HANDOVER_UNIT}",
         'echo "failover scripts and settings installed"',
     )
 

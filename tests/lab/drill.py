@@ -85,10 +85,12 @@ def limits_for(name: str, action_s: float) -> dict[str, float]:
 # More scenarios live in their own modules (rolling updates, hardening) and register here:
 # name -> fn(lab, workdir, runs) -> report entry (a dict with at least "name" and "passed").
 EXTRA_SCENARIOS: dict[str, Callable[[Lab, Path, int], dict]] = {}
-EXTRA_MODULES = ("tests.lab.scenarios_rollout", "tests.lab.scenarios_hardening", "tests.lab.scenarios_observe")
+EXTRA_MODULES = ("tests.lab.scenarios_rollout", "tests.lab.scenarios_hardening", "tests.lab.scenarios_observe",
+                 "tests.lab.scenarios_reboot")
 # IP moves each extra scenario may cost (the drill counts them around the call).
 EXTRA_MOVE_LIMITS = {"rogue-vrrp": 0, "ssh-from-outside": 0, "http-open": 0, "planned-switchover": 1,
-                     "metrics-ports": 0, "pairctl-status": 0, "token-revoked": 0}
+                     "metrics-ports": 0, "pairctl-status": 0, "token-revoked": 0,
+                     "holder-reboot": 1, "standby-reboot": 0}
 # Observers add numbers to every failover scenario's runs (tests/lab/scenarios_observe.py: the
 # alerts the webhook sink received, the IP moves Prometheus counted): fn(lab, scenario, t_fault,
 # ip_moves) -> {key: int or None}. The summary keeps each key's most in any run, and `<key>_runs`.
@@ -415,6 +417,7 @@ def check_limits(entry: dict, limits: dict[str, float]) -> dict[str, dict]:
 def run_extra(lab: Lab, name: str, workdir: Path) -> tuple[dict, list[dict]]:
     """Run a registered scenario once; count the IP moves around it and collect its traffic."""
     before = set(workdir.glob("*.jsonl"))
+    lab.wait_pair_ready(timeout=30)  # no move still in flight from before is charged to this one
     t0 = time.time()
     entry = EXTRA_SCENARIOS[name](lab, workdir, 1)
     t1 = time.time()

@@ -260,8 +260,8 @@ class Lab:
             self._outputs()
             self.state["up"] = True
             self._save()
-            if wait:
-                self.wait_steady(timeout=30)
+            if wait:  # settled: one MASTER serving with the IP, the other BACKUP, no assign in flight
+                self.wait_pair_ready(timeout=60)
         except BaseException:
             self.down()
             raise

@@ -38,6 +38,7 @@ SCRIPT_KEYS = {
     "BACKOFF_MAX_S", "RETRY_FIXED_S", "RETRY_MAX_ATTEMPTS", "POLL_INTERVAL_S", "RECONCILE_INTERVAL_S",
     "MT_FAILOVER_ENV", "KEEPALIVED_PIDFILE", "METRICS_DIR", "TRACK_FILE", "ALERT_WEBHOOK_FILE", "ALERT_ATTEMPTS",
     "ALERT_RETRY_S", "TOKEN_CHECK_INTERVAL_S", "RECONCILE_GRACE_S", "ALLOW_INSECURE_HTTP",
+    "MAINTENANCE_FLAG", "HANDOVER_TIMEOUT_S", "HANDOVER_POLL_S",
 }
 
 
@@ -789,3 +790,25 @@ def test_a_master_with_a_live_keepalived_still_reclaims(node: Node, fake: FakeDO
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_notify_that_started_late_never_overwrites_a_later_transition(node: Node, fake: FakeDO):
+    """keepalived forks FAULT then BACKUP within a millisecond at every start; the BACKUP notify can
+    record first. The FAULT one, forked earlier (lower start time), must then leave BACKUP standing."""
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    node.notify("BACKUP")
+    doc = node.vrrp_state()
+    assert doc["order"][0] == boot and doc["order"][2] > 0  # who recorded it, in keepalived's fork order
+    later = {**doc, "order": [boot, 2**62, 1]}           # as if recorded by a notify forked after this one
+    (node.state_dir / "vrrp-state").write_text(json.dumps(later))
+    before = len(node.transitions())
+    proc = node.notify("FAULT")
+    assert proc.returncode == 0 and node.vrrp_state()["state"] == "BACKUP", proc.stderr
+    assert "vrrp transition to FAULT arrived after a later one: not recorded" in proc.stderr
+    assert len(node.transitions()) == before
+    proc = node.notify("MASTER")  # a late MASTER notify: no assign for a node that is not MASTER now
+    assert proc.returncode == 0 and node.vrrp_state()["state"] == "BACKUP" and posts(fake) == []
+    # Recorded by an earlier notify, or in an earlier boot: the new transition is recorded.
+    (node.state_dir / "vrrp-state").write_text(json.dumps({**doc, "order": ["another-boot", 2**62, 1]}))
+    assert node.notify("FAULT").returncode == 0 and node.vrrp_state()["state"] == "FAULT"
+    assert node.notify("BACKUP").returncode == 0 and node.vrrp_state()["state"] == "BACKUP"
