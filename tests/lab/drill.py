@@ -77,7 +77,8 @@ def limits_for(name: str, action_s: float) -> dict[str, float]:
 EXTRA_SCENARIOS: dict[str, Callable[[Lab, Path, int], dict]] = {}
 EXTRA_MODULES = ("tests.lab.scenarios_rollout", "tests.lab.scenarios_hardening")
 # IP moves each extra scenario may cost (the drill counts them around the call).
-EXTRA_MOVE_LIMITS = {"rogue-vrrp": 0, "ssh-from-outside": 0, "http-open": 0, "planned-switchover": 1}
+EXTRA_MOVE_LIMITS = {"rogue-vrrp": 0, "ssh-from-outside": 0, "http-open": 0, "planned-switchover": 1,
+                     "rolling-update": 0, "rolling-update-bad-version": 0, "serve-both": 0}
 
 
 def scenario(name: str):
