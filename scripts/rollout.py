@@ -920,10 +920,10 @@ class Rollout:
             self.log(f"{node}: could not check or put back its app: {e}; it is probably still out of rotation")
         return False
 
-    def switch(self, active: str, standby: str) -> None:
-        """The reserved IP to `standby`. The active node's HAProxy first forwards every request to the
-        standby's app, so the requests that still reach it until the API's action completes (seconds)
-        are served by the app that serves after the move too."""
+    def switch(self, active: str, standby: str, version: str | None = None) -> None:
+        """The reserved IP to `standby` (running `version`, when known: for the log). The active node's
+        HAProxy first forwards every request to the standby's app, so the requests that still reach it
+        until the API's action completes (seconds) are served by the app that serves after the move too."""
         start = self.clock()
         self.take_out(active, [(active, "local")])
         self.drain(active)
@@ -935,8 +935,10 @@ class Rollout:
             self.put_back(active)
             raise ToolError(EXIT_FAILED, f"{e}. {active} is undrained; check the API and keepalived logs "
                                          "(docs/rollout.md). Run again once the cause is fixed") from None
+        self.active = standby
         self.step("move", standby, start)
-        self.log(f"reserved IP moved to {standby} in {moved:.1f} s; clients are served by {standby}")
+        self.log(f"reserved IP moved to {standby} in {moved:.1f} s; clients are served by {standby}"
+                 + (f" ({version})" if version else ""))
 
     def rejoin(self, node: str, version: str | None) -> None:
         self.undrain(node)
@@ -957,7 +959,6 @@ class Rollout:
             raise ToolError(EXIT_REFUSED, f"the standby ({pair.standby}) did not stay ready: {e}. Nothing was changed") from None
         self.confirm_still_active(pair)
         self.switch(pair.active, pair.standby)
-        self.active = pair.standby
         self.rejoin(pair.active, None)
         self.log(f"done: traffic on {pair.standby}; {pair.active} is the standby")
         return EXIT_OK
