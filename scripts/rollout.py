@@ -6,11 +6,16 @@
     rollout.py resize --size s-2vcpu-4gb --stack prod --identity ~/.ssh/deploy_ed25519
     rollout.py reimage --image ubuntu-24-04-x64 --stack prod --identity ~/.ssh/deploy_ed25519
 
-`rollout` updates the standby first, waits until it is healthy on V (and back to keepalived
-BACKUP), drains the active node with the maintenance flag so keepalived hands the reserved IP to
-the updated node, waits until the reserved IP is served by it, then updates the former active,
-waits until it is healthy and clears its flag. Traffic stays where it is afterwards (nopreempt).
-`switchover` is the planned move of the reserved IP to the healthy standby.
+`rollout` updates one app at a time behind HAProxy, the standby's first: it takes that app out of
+rotation in both nodes' HAProxy (drain, wait until no request is left on it, maint), deploys V,
+waits until the app is healthy on V, and puts it back (ready, UP). Meanwhile the other app serves
+every request through the active node's HAProxy, so keepalived never changes state and the
+reserved IP never moves. A version that never becomes healthy is rolled back while still out of
+rotation (never served), and the active node's app is not touched.
+`switchover` is the planned move of the reserved IP to the healthy standby (node maintenance): the
+active node's HAProxy first forwards every request to the standby's app, then the maintenance flag
+hands the IP over; requests still reaching the old holder until the API's action has completed are
+served by the new one's app, so the move's seconds cost no request.
 `resize` / `reimage` change one droplet per `pulumi up`: the standby first (`nodeOverrides` names only
 it, `pulumi up --target` its droplet and what depends on it), a health wait, a switchover, then the
 former active the same way; finally dropletSize/dropletImage is set and the overrides are cleared.
@@ -54,7 +59,7 @@ EXIT_OK = 0          # done, or nothing to do
 EXIT_FAILED = 1      # stopped and rolled back: traffic on a healthy node, the other node healthy too
 EXIT_USAGE = 2       # bad arguments, outputs or environment: nothing was touched
 EXIT_REFUSED = 3     # the pair is not in a state to start from, or another rollout holds a lock: nothing touched
-EXIT_DEGRADED = 4    # stopped and the pair needs an operator now (a node left unhealthy or drained, or
+EXIT_DEGRADED = 4    # stopped and the pair needs an operator now (a node left unhealthy, drained or out of rotation, or
                      # traffic not confirmed on a healthy node); the last lines say where traffic is
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: locks released, what this run drained undrained when safe
 
@@ -64,9 +69,11 @@ EPILOG = """exit codes:
   2    usage or configuration error (arguments, outputs file, DIGITALOCEAN_TOKEN): nothing touched
   3    refused: API and keepalived disagree, the standby is not healthy, a node is unreachable,
        or another rollout holds a node's lock: nothing touched
-  4    failed and the pair is degraded: a node is left unhealthy or drained, or traffic could not
-       be confirmed on a healthy node. Act now; the last lines say where traffic is
-  130  interrupted (SIGINT/SIGTERM): locks released, drains undone where the node was healthy
+  4    failed and the pair is degraded: a node is left unhealthy or drained, an app is left out of
+       rotation in HAProxy, or traffic could not be confirmed on a healthy node. Act now; the last
+       lines say where traffic is
+  130  interrupted (SIGINT/SIGTERM): locks released, drains undone and apps put back in rotation
+       where they were healthy
 
 environment: DIGITALOCEAN_TOKEN (required; reserved_ip:read is enough). See docs/rollout.md.
 """
@@ -306,6 +313,7 @@ class NodeStatus:
     maintenance: bool
     track: str | None
     lock: dict | None
+    haproxy: dict | None = None   # {"local"|"peer": {"status", "sessions"}}: this node's HAProxy's view
 
     @classmethod
     def parse(cls, node: str, text: str) -> NodeStatus:
@@ -315,7 +323,8 @@ class NodeStatus:
                        keepalived_running=doc.get("keepalived_running"),
                        configured_version=doc.get("configured_version"), running_version=doc.get("running_version"),
                        http_status=doc.get("http_status"), app_health=int(doc["app_health"]),
-                       maintenance=bool(doc["maintenance"]), track=doc.get("track"), lock=doc.get("lock"))
+                       maintenance=bool(doc["maintenance"]), track=doc.get("track"), lock=doc.get("lock"),
+                       haproxy=doc.get("haproxy") if isinstance(doc.get("haproxy"), dict) else None)
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise TransportError(f"{node}: mt-deploy status answered garbage ({type(e).__name__}): "
                                  f"{last_line(text, 80)!r}") from None
@@ -347,7 +356,14 @@ class NodeStatus:
                 health.get(self.app_health, f"mt-health exit {self.app_health}")]
         if self.maintenance:
             bits.append("drained (maintenance flag)")
+        if self.out_of_rotation():
+            bits.append("HAProxy: " + ", ".join(f"{k} {v}" for k, v in self.out_of_rotation().items()))
         return ", ".join(bits)
+
+    def out_of_rotation(self) -> dict[str, str]:
+        """This node's HAProxy servers that get no new request (DRAIN, MAINT, DOWN): {server: status}."""
+        return {k: str(v.get("status")) for k, v in sorted((self.haproxy or {}).items())
+                if isinstance(v, dict) and not str(v.get("status", "")).startswith("UP")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,6 +432,7 @@ class Options:
     deploy_timeout: float = 1200.0
     poll_interval: float = 0.5
     settle: float = 2.0        # a standby must look ready twice, this far apart, with no VRRP transition
+    drain_timeout: float = 10.0  # how long HAProxy's requests on an app may take to finish before it is disabled
 
 
 @dataclass
@@ -475,7 +492,9 @@ class Rollout:
         self.log, self.owner, self.clock, self.sleep = log, owner, clock, sleep
         self.nodes = sorted(stack.droplets)  # the fixed lock order
         self.locked: list[str] = []
-        self.drained: list[str] = []
+        self.drained: list[str] = []                  # nodes with the maintenance flag set by this run
+        self.out: dict[str, list[tuple[str, str]]] = {}  # app's node -> [(HAProxy's node, server)] taken out
+        self.active: str | None = None
         self.report = Report(command="")
         self.t0 = clock()
 
@@ -616,14 +635,25 @@ class Rollout:
             raise ToolError(EXIT_REFUSED, f"the standby ({standby}) cannot take over ({s.describe()}, track file "
                                           f"{s.track}): a rollout or switchover needs a healthy BACKUP. Nothing was "
                                           f"changed; fix {standby} first")
+        held_out = {n: {k: v for k, v in status[n].out_of_rotation().items() if v.startswith(("MAINT", "DRAIN"))}
+                    for n in self.nodes}
+        for node, servers in held_out.items():
+            if servers:
+                which = ", ".join(f"{k} {v}" for k, v in servers.items())
+                raise ToolError(EXIT_REFUSED, f"{node}'s HAProxy has an app out of rotation ({which}; an earlier run "
+                                              "stopped?). Nothing was changed; once that app is healthy, put it back "
+                                              f"with `sudo {NODE_SCRIPT} server {next(iter(servers))} ready` on {node}")
         answer = self.probe.get()
-        if not answer.ok or (answer.served_by and answer.served_by != active):
+        # Through the active node's HAProxy: its own app, or (serve=both, or its app just failed) the peer's.
+        if not answer.ok or (answer.served_by and answer.served_by not in self.nodes):
             seen = f"HTTP {answer.status}" if answer.status else f"no answer ({answer.error})"
             raise ToolError(EXIT_REFUSED, f"{self.probe.url} through the reserved IP: {seen}, served by "
-                                          f"{answer.served_by or 'unknown'} (expected {active}). Nothing was changed")
+                                          f"{answer.served_by or 'unknown'} (expected {active}'s HAProxy to answer "
+                                          "from one of the pair's apps). Nothing was changed")
         self.log(f"active node: {active} ({a.version}); standby: {standby} ({s.version}); "
                  f"{self.probe.url} answers {answer.status} from {answer.served_by or active}")
         self.report.active_before = active
+        self.active = active
         return Pair(active, standby, status)
 
     def confirm_still_active(self, pair: Pair) -> None:
@@ -650,14 +680,15 @@ class Rollout:
             st = results.get(node)
             if isinstance(st, NodeStatus):
                 info[node] = {"vrrp_state": st.vrrp_state, "version": st.version, "app_ok": st.app_ok,
-                              "maintenance": st.maintenance}
+                              "maintenance": st.maintenance, "haproxy_out": st.out_of_rotation()}
             else:
                 info[node] = {"error": str(errors.get(node))}
         answer = self.probe.get()
         info["client"] = {"status": answer.status, "served_by": answer.served_by, "version": answer.version}
         nodes = "; ".join(f"{n} {info[n].get('vrrp_state', '?')} {info[n].get('version', '?')}"
                           f"{' drained' if info[n].get('maintenance') else ''}"
-                          f"{'' if info[n].get('app_ok', False) else ' UNHEALTHY'}" for n in self.nodes)
+                          + "".join(f" (HAProxy {k} {v})" for k, v in info[n].get("haproxy_out", {}).items())
+                          + f"{'' if info[n].get('app_ok', False) else ' UNHEALTHY'}" for n in self.nodes)
         self.log(f"traffic now: reserved IP on {info['holder'] or 'nobody'} (API); {nodes}; {self.probe.url} -> "
                  f"{answer.status or 'no answer'} from {answer.served_by or '?'} version {answer.version or '?'}")
         self.report.traffic = info
@@ -666,14 +697,16 @@ class Rollout:
         return info
 
     def healthy_pair(self, info: dict) -> bool:
-        """One MASTER holding the IP and serving, the other a healthy, undrained BACKUP."""
+        """One MASTER holding the IP and serving, the other a healthy, undrained BACKUP, no app held
+        out of rotation in either HAProxy."""
         holder = info.get("holder")
         if holder not in self.nodes or not (info["client"]["status"] and 200 <= info["client"]["status"] < 300):
             return False
         other = next(n for n in self.nodes if n != holder)
         h, o = info[holder], info[other]
         return (h.get("vrrp_state") == "MASTER" and h.get("app_ok") and o.get("vrrp_state") == "BACKUP"
-                and o.get("app_ok") and not o.get("maintenance"))
+                and o.get("app_ok") and not o.get("maintenance")
+                and not any(info[n].get("haproxy_out") for n in self.nodes))
 
     # -- waiting ----------------------------------------------------------------------------------
     def wait_ready(self, node: str, version: str | None, as_backup: bool, timeout: float,
@@ -703,9 +736,10 @@ class Rollout:
                               f"(last seen: {last})")
             self.sleep(self.opts.poll_interval)
 
-    def wait_moved(self, target: str, version: str | None) -> float:
-        """Until the API says `target` holds the reserved IP, its keepalived is MASTER, and a client gets
-        its answer through the reserved IP (X-Served-By: target, or X-App-Version: version)."""
+    def wait_moved(self, target: str) -> float:
+        """Until the API says `target` holds the reserved IP (its action completed: the edge now sends
+        clients to `target`), its keepalived is MASTER, and a client gets a 2xx through the reserved IP.
+        Who answers proves nothing here: the old holder's HAProxy already forwards to `target`'s app."""
         start = self.clock()
         last = "nothing checked yet"
         while True:
@@ -716,15 +750,9 @@ class Rollout:
                     last = f"API holder {holder or 'nobody'}"
                 elif not answer.ok:
                     last = f"client got {answer.status or answer.error}"
-                elif answer.served_by and answer.served_by != target:
-                    last = f"client still served by {answer.served_by}"
-                elif not answer.served_by and version and answer.version != version:
-                    last = f"client still gets version {answer.version}"
                 else:
                     st = self.status(target)
                     if st.vrrp_state == "MASTER":
-                        if not answer.served_by and not (version and answer.version == version):
-                            self.log(f"note: {self.probe.url} names no node (X-Served-By); trusting API and keepalived")
                         return self.clock() - start
                     last = f"{target} keepalived {st.vrrp_state}"
             except (ApiError, TransportError, NodeCommandFailed) as e:
@@ -754,6 +782,45 @@ class Rollout:
         if node in self.drained:
             self.drained.remove(node)
         self.log(f"{node}: undrained (maintenance flag removed)")
+
+    def routes_to(self, node: str) -> list[tuple[str, str]]:
+        """Every HAProxy server that sends requests to `node`'s app, the active node's first (it carries
+        the traffic; serve=both or a failover in flight may route through the other one too)."""
+        other = next(n for n in self.nodes if n != node)
+        routes = [(node, "local"), (other, "peer")]
+        return sorted(routes, key=lambda r: r[0] != self.active)
+
+    def take_out(self, node: str, routes: list[tuple[str, str]] | None = None) -> None:
+        """Take `node`'s app out of rotation: in each HAProxy, drain it, wait until no request is left on
+        it (at most drain_timeout), disable it. mt-deploy refuses when it is the last app server UP there."""
+        start = self.clock()
+        taken = self.out.setdefault(node, [])
+        for where, server in routes or self.routes_to(node):
+            if (where, server) in taken:
+                continue
+            taken.append((where, server))  # before the call: an interrupt while ssh runs must still undo it
+            result = self.command(where, ["server", server, "maint", "--wait", f"{self.opts.drain_timeout:g}"],
+                                  self.opts.drain_timeout + SMALL_CMD_TIMEOUT_S)
+            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+                left = json.loads(result.stdout.strip().splitlines()[-1])["sessions_left"]
+                if left:
+                    self.log(f"{where}: {left} request(s) still on {node}'s app after {self.opts.drain_timeout:g} s; "
+                             "disabled anyway")
+        self.step("out", node, start)
+        self.log(f"{node}: app out of rotation ({', '.join(f'{w} HAProxy {s}' for w, s in taken)}); the other app "
+                 "serves every request")
+
+    def put_back(self, node: str) -> None:
+        """Back into rotation where take_out removed it, once HAProxy's checks see it UP."""
+        start = self.clock()
+        routes = list(self.out.get(node, []))
+        for where, server in sorted(routes, key=lambda r: r[0] == self.active):  # the serving HAProxy last
+            self.command(where, ["server", server, "ready", "--wait", f"{self.opts.drain_timeout:g}"],
+                         self.opts.drain_timeout + SMALL_CMD_TIMEOUT_S)
+            self.out[node].remove((where, server))
+        self.out.pop(node, None)
+        self.step("in", node, start)
+        self.log(f"{node}: app back in rotation")
 
     def update(self, node: str, version: str, as_backup: bool) -> float:
         """Deploy and wait healthy; returns the deploy-plus-health seconds."""
@@ -788,11 +855,10 @@ class Rollout:
             self.log(f"nothing to do: both nodes run {version} and are healthy; traffic stays on {active}")
             self.report.active_after = active
             return EXIT_OK
-        self.log(f"plan: update the standby ({standby}) to {version}, drain the active node ({active}) so "
-                 f"{standby} takes the reserved IP, update {active}, undrain it")
+        self.log(f"plan: update {standby}'s app (the standby) to {version}, then {active}'s, each out of rotation "
+                 f"in HAProxy while the other app serves; the reserved IP stays on {active}")
 
-        # 1. The standby first; the active node is not touched until the standby is proven.
-        previous = pair.status[standby].version
+        # 1. The standby's app first; the active's is not touched until the standby's is proven.
         if pair.status[standby].runs(version):
             self.log(f"{standby}: already runs {version} (an earlier run stopped after this step); checking it")
             try:
@@ -801,62 +867,83 @@ class Rollout:
                 raise ToolError(EXIT_REFUSED, f"the standby ({standby}) runs {version} but did not stay ready: {e}. "
                                               "Nothing was changed") from None
         else:
-            try:
-                self.update(standby, version, as_backup=True)
-            except (Timeout, NodeCommandFailed, TransportError) as e:
-                self.log(f"{standby}: {version} failed: {e}")
-                back = self.roll_back(standby, previous, as_backup=True)
-                raise ToolError(EXIT_FAILED if back else EXIT_DEGRADED,
-                                f"{version} never became healthy on the standby ({standby}); "
-                                + (f"{standby} is back on {previous}. " if back else
-                                   f"{standby} could NOT be rolled back and is not a usable standby: fix it now. ")
-                                + f"The active node ({active}) was not touched and still serves "
-                                  f"{pair.status[active].version}") from None
+            self.update_app(standby, version, pair.status[standby].version, as_backup=True,
+                            failed=f"{version} never became healthy on the standby ({standby}); ",
+                            untouched=f" The active node ({active}) was not touched and still serves "
+                                      f"{pair.status[active].version}")
 
         if pair.status[active].runs(version):
-            self.log(f"{active}: already runs {version}; traffic stays on it, no switchover needed")
+            self.log(f"{active}: already runs {version}; done")
             self.report.active_after = active
             return EXIT_OK
 
-        # 2. The switchover to the updated node.
+        # 2. The active node's app, while the standby's app (now on the new version) serves.
         self.confirm_still_active(pair)
-        self.switch(active, standby, version)
-
-        # 3. The former active, drained: it serves no traffic while it is updated.
-        previous = pair.status[active].version
-        try:
-            self.update(active, version, as_backup=False)
-        except (Timeout, NodeCommandFailed, TransportError) as e:
-            self.log(f"{active}: {version} failed: {e}")
-            back = self.roll_back(active, previous, as_backup=False)
-            if back:
-                self.undrain(active)
-                with contextlib.suppress(Timeout):
-                    self.wait_ready(active, previous, True, self.opts.health_timeout, settle=0)
-            raise ToolError(EXIT_FAILED if back else EXIT_DEGRADED,
-                            f"{version} serves on {standby} (active now), but it did not become healthy on {active}; "
-                            + (f"{active} is back on {previous}, undrained, as the standby: the pair runs mixed "
-                               f"versions. Find out why {version} failed on {active}, then run the rollout again" if back
-                               else f"{active} could NOT be rolled back and stays drained: there is no working "
-                                    "standby. Fix it now")) from None
-
-        # 4. Back into the pair as the standby (traffic stays on the updated node: nopreempt).
-        self.rejoin(active, version)
-        self.log(f"done: {version} on both nodes; traffic on {standby}; {active} is the standby")
+        self.update_app(active, version, pair.status[active].version, as_backup=False,
+                        failed=f"{version} serves on {standby}'s app, but it did not become healthy on {active}'s; ",
+                        untouched=" The pair runs mixed versions. Find out why, then run the rollout again")
+        self.log(f"done: {version} on both nodes; the reserved IP stayed on {active}")
+        self.report.active_after = active
         return EXIT_OK
 
-    def switch(self, active: str, standby: str, version: str | None) -> None:
+    def update_app(self, node: str, version: str, previous: str | None, as_backup: bool, failed: str,
+                   untouched: str) -> None:
+        """Out of rotation, deploy, healthy, back in. A version that fails is rolled back while still out
+        (never served); the app goes back in only when healthy, else it stays out and that is degraded."""
+        try:
+            self.take_out(node)
+        except (NodeCommandFailed, TransportError) as e:
+            self.log(f"{node}: could not take its app out of rotation: {e}")
+            self.put_back_if_healthy(node)
+            raise ToolError(EXIT_FAILED, f"{node}'s app could not be taken out of rotation in HAProxy ({e}); "
+                                         f"nothing was deployed on {node}") from None
+        try:
+            self.update(node, version, as_backup)
+        except (Timeout, NodeCommandFailed, TransportError) as e:
+            self.log(f"{node}: {version} failed: {e}")
+            back = self.roll_back(node, previous, as_backup)
+            if back:
+                self.put_back(node)
+            raise ToolError(EXIT_FAILED if back else EXIT_DEGRADED, failed
+                            + (f"{node} is back on {previous} and in rotation." if back else
+                               f"{node} could NOT be rolled back; its app stays out of rotation (the other app "
+                               "serves alone, no fallback): fix it now.") + untouched) from None
+        self.put_back(node)
+
+    def put_back_if_healthy(self, node: str) -> bool:
+        if not self.out.get(node):
+            self.out.pop(node, None)
+            return True
+        try:
+            st = self.status(node)
+            if st.app_ok:
+                self.put_back(node)
+                return True
+            self.log(f"{node}: its app stays out of rotation: it is not healthy ({st.describe()}); once it is, "
+                     + "; ".join(f"`sudo {NODE_SCRIPT} server {s} ready` on {w}" for w, s in self.out[node]))
+        except (TransportError, NodeCommandFailed) as e:
+            self.log(f"{node}: could not check or put back its app: {e}; it is probably still out of rotation")
+        return False
+
+    def switch(self, active: str, standby: str, version: str | None = None) -> None:
+        """The reserved IP to `standby` (running `version`, when known: for the log). The active node's
+        HAProxy first forwards every request to the standby's app, so the requests that still reach it
+        until the API's action completes (seconds) are served by the app that serves after the move too."""
         start = self.clock()
+        self.take_out(active, [(active, "local")])
         self.drain(active)
         try:
-            moved = self.wait_moved(standby, version)
+            moved = self.wait_moved(standby)
         except Timeout as e:
             self.log(f"switchover failed: {e}; undraining {active} so it keeps serving")
             self.undrain(active)
+            self.put_back(active)
             raise ToolError(EXIT_FAILED, f"{e}. {active} is undrained; check the API and keepalived logs "
                                          "(docs/rollout.md). Run again once the cause is fixed") from None
+        self.active = standby
         self.step("move", standby, start)
-        self.log(f"reserved IP moved to {standby} in {moved:.1f} s; clients are served by {standby}")
+        self.log(f"reserved IP moved to {standby} in {moved:.1f} s; clients are served by {standby}"
+                 + (f" ({version})" if version else ""))
 
     def rejoin(self, node: str, version: str | None) -> None:
         self.undrain(node)
@@ -865,6 +952,7 @@ class Rollout:
         except Timeout as e:
             raise ToolError(EXIT_DEGRADED, f"{node} was undrained but did not rejoin as a healthy BACKUP: {e}. "
                                            "Traffic is served, but there is no working standby: fix it now") from None
+        self.put_back(node)
         self.log(f"{node}: BACKUP and healthy again (the standby)")
 
     def switchover(self) -> int:
@@ -875,7 +963,7 @@ class Rollout:
         except Timeout as e:
             raise ToolError(EXIT_REFUSED, f"the standby ({pair.standby}) did not stay ready: {e}. Nothing was changed") from None
         self.confirm_still_active(pair)
-        self.switch(pair.active, pair.standby, None)
+        self.switch(pair.active, pair.standby)
         self.rejoin(pair.active, None)
         self.log(f"done: traffic on {pair.standby}; {pair.active} is the standby")
         return EXIT_OK
@@ -894,6 +982,8 @@ class Rollout:
                              f"`sudo {NODE_SCRIPT} undrain` once it is")
             except (TransportError, NodeCommandFailed) as e:
                 self.log(f"{node}: could not check or undrain it: {e}; it is probably still drained")
+        for node in list(self.out):
+            self.put_back_if_healthy(node)
 
     def execute(self, name: str, body: Callable[[], int]) -> int:
         """Locks, the body, the clean-up; whatever happens, locks are released and traffic is reported."""
@@ -1080,6 +1170,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="seconds the reserved IP may take to move (default 60)")
     common.add_argument("--deploy-timeout", type=float, default=1200.0,
                         help="seconds for the node's pull and compose up (default 1200)")
+    common.add_argument("--drain-timeout", type=float, default=10.0,
+                        help="seconds HAProxy's requests on an app may take to finish before the app is taken "
+                             "out of rotation anyway (default 10; HAProxy's own server timeout is 5)")
     common.add_argument("--poll-interval", type=float, default=0.5, help=argparse.SUPPRESS)
     common.add_argument("--settle", type=float, default=2.0, help=argparse.SUPPRESS)
     common.add_argument("--report", metavar="FILE", help="write a JSON summary of the run (steps, timings, traffic)")
@@ -1110,7 +1203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "rollout" and not VERSION_RE.fullmatch(args.version):
             raise ToolError(EXIT_USAGE, f"--version {args.version[:80]!r} is not a docker tag "
                                         "([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})")
-        for name in ("health_timeout", "move_timeout", "deploy_timeout", "poll_interval"):
+        for name in ("health_timeout", "move_timeout", "deploy_timeout", "poll_interval", "drain_timeout"):
             value = getattr(args, name)
             if not (math.isfinite(value) and value > 0):
                 raise ToolError(EXIT_USAGE, f"--{name.replace('_', '-')} must be a positive number of seconds")
@@ -1130,7 +1223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  args.ssh_option, args.remote_root, multiplex=not args.no_ssh_multiplex)
         probe_url = urllib.parse.urljoin(stack.app_url if stack.app_url.endswith("/") else stack.app_url + "/",
                                          args.probe_path.lstrip("/"))
-        opts = Options(args.health_timeout, args.move_timeout, args.deploy_timeout, args.poll_interval, args.settle)
+        opts = Options(args.health_timeout, args.move_timeout, args.deploy_timeout, args.poll_interval, args.settle,
+                       args.drain_timeout)
         tool = Rollout(stack, transport, Api(args.api_url, token, stack.reserved_ip), Probe(probe_url), opts, log,
                        default_owner())
         with transport:

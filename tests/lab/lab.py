@@ -890,6 +890,24 @@ class Lab:
         self.state = {}
         return notes
 
+    # -- the serve setting, changed on a running pair ---------------------------------------------
+    def set_serve(self, serve: str) -> None:
+        """What `pulumi config set serve ...` and `pulumi up` do to both nodes: re-render haproxy.cfg
+        for `serve`, check it and reload HAProxy hitlessly; the lab then expects that mode (steady()).
+        A reload starts every server READY again (runtime states are not kept)."""
+        from infra.haproxy import render_haproxy_cfg
+
+        if serve not in SERVE_MODES:
+            raise LabError(f"unknown serve mode {serve!r}; use one of {', '.join(SERVE_MODES)}")
+        self.state["serve"] = serve
+        self._save()
+        for node in NODES:
+            paths = node_paths(node)
+            _write(Path(paths.haproxy_cfg), render_haproxy_cfg(self.node_facts(node, self.state["profile"])), 0o644)
+            self.reload_haproxy(node)
+        for node in NODES:
+            wait_for(lambda node=node: self.haproxy_serving(node), 10, f"{node}'s HAProxy to serve after the reload")
+
 
     # -- observability (issue #13): node-exporter, Prometheus, the webhook sink (tests/lab/observe.py)
     @property

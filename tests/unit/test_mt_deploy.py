@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -303,3 +305,169 @@ def test_a_missing_env_file_is_a_configuration_error(node):
 def test_usage_errors_exit_2(node, args):
     proc = node.run(*args)
     assert proc.returncode == 2 and "usage: mt-deploy" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# server: HAProxy's runtime API, against a fake admin socket
+
+
+class FakeHaproxy:
+    """HAProxy's admin socket as the runtime API answers it (one command per connection): `show
+    stat` CSV for backend `app`, `set server app/NAME state ready|drain|maint`. `sessions` drop by
+    one per `show stat` once a server no longer gets new requests (they finish); `alive` says
+    whether a server's app answers HAProxy's checks (ready: UP, else DOWN)."""
+
+    HEADER = "# pxname,svname,qcur,qmax,scur,smax,slim,stot,status,weight\n"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.status = {"local": "UP", "peer": "UP"}
+        self.sessions = {"local": 0, "peer": 0}
+        self.alive = {"local": True, "peer": True}
+        self.sticky_sessions = False   # sessions never finish (a stuck request)
+        self.refuse: str | None = None
+        self.commands: list[str] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(16)
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def answer(self, command: str) -> str:
+        self.commands.append(command)
+        if command == "show stat":
+            rows = [self.HEADER]
+            for name in ("local", "peer"):
+                if self.status[name] != "UP" and not self.sticky_sessions and self.sessions[name]:
+                    self.sessions[name] -= 1
+                rows.append(f"app,{name},0,0,{self.sessions[name]},0,,9,{self.status[name]},1\n")
+            rows.append("app,BACKEND,0,0,0,0,,9,UP,2\n")
+            return "".join(rows) + "\n"
+        parts = command.split()
+        if len(parts) == 5 and parts[:2] == ["set", "server"] and parts[3] == "state":
+            name = parts[2].removeprefix("app/")
+            if self.refuse or name not in self.status:
+                return (self.refuse or "No such server.") + "\n\n"
+            self.status[name] = {"drain": "DRAIN", "maint": "MAINT"}.get(
+                parts[4], "UP" if self.alive[name] else "DOWN")
+            return "\n"
+        return "Unknown command.\n\n"
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                conn.sendall(self.answer(data.decode().strip()).encode())
+
+    def sets(self) -> list[str]:
+        return [c for c in self.commands if c.startswith("set ")]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def haproxy(node):
+    short = tempfile.mkdtemp(prefix="mtd-", dir="/tmp")  # a UNIX socket path must stay under 108 bytes
+    fake = FakeHaproxy(f"{short}/admin.sock")
+    health = node.root / "etc/minitwit-ha/health.env"
+    health.write_text(health.read_text() + f"HAPROXY_SOCKET={fake.path}\n")
+    yield fake
+    fake.close()
+    shutil.rmtree(short, ignore_errors=True)
+
+
+def test_server_maint_drains_first_waits_until_no_session_is_left_then_disables(node, haproxy):
+    haproxy.sessions["local"] = 3
+    code, out = node.json("server", "local", "maint")
+    assert code == 0
+    assert haproxy.sets() == ["set server app/local state drain", "set server app/local state maint"]
+    # maint came only once the sessions had finished (each poll lets one finish)
+    polls_before_maint = haproxy.commands[:haproxy.commands.index("set server app/local state maint")]
+    assert polls_before_maint.count("show stat") >= 4
+    assert out["state"] == "MAINT" and out["previous"] == "UP" and out["sessions_left"] == 0
+    assert out["servers"]["peer"]["status"] == "UP"
+
+
+def test_server_maint_gives_up_waiting_after_wait_seconds_and_says_how_many_sessions_were_left(node, haproxy):
+    haproxy.sessions["peer"], haproxy.sticky_sessions = 2, True
+    t0 = time.monotonic()
+    proc = node.run("server", "peer", "maint", "--wait", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert 0.5 <= time.monotonic() - t0 < 5
+    out = json.loads(proc.stdout)
+    assert out["state"] == "MAINT" and out["sessions_left"] == 2
+    assert "sessions still open" in proc.stderr
+
+
+def test_server_refuses_to_take_out_the_only_app_server_that_is_up(node, haproxy):
+    haproxy.status["peer"] = "DOWN"
+    proc = node.run("server", "local", "maint")
+    assert proc.returncode == 7
+    assert "only app server UP" in proc.stderr and "peer DOWN" in proc.stderr
+    assert haproxy.sets() == []                            # nothing was changed
+    assert haproxy.status["local"] == "UP"
+
+
+def test_server_ready_waits_until_the_checks_see_it_up_and_fails_when_they_do_not(node, haproxy):
+    haproxy.status["local"] = "MAINT"
+    code, out = node.json("server", "local", "ready")
+    assert code == 0 and out["state"] == "UP" and out["previous"] == "MAINT"
+    haproxy.status["local"], haproxy.alive["local"] = "MAINT", False
+    t0 = time.monotonic()
+    proc = node.run("server", "local", "ready", "--wait", "0.4")
+    assert proc.returncode == 7 and "did not see it UP within 0.4 s (status DOWN)" in proc.stderr
+    assert time.monotonic() - t0 < 5
+
+
+def test_server_state_is_idempotent_and_a_server_already_out_may_go_further_out(node, haproxy):
+    haproxy.status["peer"] = "DOWN"
+    haproxy.status["local"] = "DRAIN"                      # already out: disabling it changes no capacity
+    code, out = node.json("server", "local", "maint")
+    assert code == 0 and out["state"] == "MAINT"
+    assert node.json("server", "local", "maint")[0] == 0
+
+
+def test_server_reports_haproxy_refusals_and_a_missing_socket_as_exit_6(node, haproxy):
+    haproxy.refuse = "Permission denied"
+    proc = node.run("server", "peer", "drain")
+    assert proc.returncode == 7 and "HAProxy refused `set server app/peer state drain`: Permission denied" in proc.stderr
+    haproxy.close()
+    os.unlink(haproxy.path)
+    proc = node.run("server", "peer", "drain")
+    assert proc.returncode == 7 and "admin socket" in proc.stderr and "not found" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["server", "backup", "maint"], ["server", "local", "disable"],
+                                  ["server", "local"], ["server", "local", "maint", "--wait", "soon"]])
+def test_server_usage_errors_exit_2(node, args):
+    assert node.run(*args).returncode == 2
+
+
+def test_status_shows_haproxys_view_of_both_apps_and_null_without_haproxy(node, haproxy):
+    haproxy.status["peer"], haproxy.sessions["peer"] = "MAINT", 0
+    st = node.json("status")[1]
+    assert st["haproxy"] == {"local": {"status": "UP", "sessions": 0}, "peer": {"status": "MAINT", "sessions": 0}}
+    haproxy.close()
+    os.unlink(haproxy.path)
+    code, st = node.json("status")
+    assert code == 0 and st["haproxy"] is None
+
+
+def test_the_socket_path_and_server_names_are_the_ones_the_stack_renders():
+    from infra import haproxy as rendered
+    from infra.node import NodePaths
+
+    text = (SCRIPTS / "mt-deploy").read_text()
+    assert f'HAPROXY_SOCKET = "{NodePaths().haproxy_admin_socket}"' in text
+    assert f'HAPROXY_BACKEND = "{rendered.BACKEND}"' in text
+    assert f'HAPROXY_SERVERS = ("{rendered.LOCAL_SERVER}", "{rendered.PEER_SERVER}")' in text

@@ -1,12 +1,15 @@
 """scripts/rollout.py: the tool's decisions, against a simulated pair behind a fake transport.
 
-`Pair` plays both nodes (their app, keepalived with nopreempt, the maintenance flag, the rollout
-lock), the DigitalOcean API (who holds the reserved IP) and the edge (who answers a client), all
-on a fake clock: a drained MASTER goes FAULT, the healthy BACKUP becomes MASTER 0.3 s later and
-the API moves the reserved IP 0.5 s after that; a deploy restarts the app, which is healthy
-`health_delay` seconds later (never for `bad...`). The transport answers `mt-deploy` commands with
-the node script's JSON and exit codes. `history` records, at every step, which node the edge sends
-clients to and whether its app could answer, which is how the tests see a client's outage.
+`Pair` plays both nodes (their app, their HAProxy's `local` and `peer` servers, keepalived with
+nopreempt tracking "this node can serve", the maintenance flag, the rollout lock), the
+DigitalOcean API (who holds the reserved IP) and the edge (who answers a client), all on a fake
+clock: a drained MASTER goes FAULT, the healthy BACKUP becomes MASTER 0.3 s later and the API
+moves the reserved IP `action_s` after that; a deploy restarts the app, which listens and is
+healthy `health_delay` seconds later (a `bad...` version listens but answers 503 forever). The
+transport answers `mt-deploy` commands with the node script's JSON and exit codes. `history`
+records, at every step, which node the edge sends clients to, which app that node's HAProxy picks
+(the first server in rotation whose app listens: HAProxy's TCP check) and whether it answered 2xx,
+which is how the tests see a client's outage and a bad version served.
 """
 
 from __future__ import annotations
@@ -55,25 +58,30 @@ class Node:
         self.broken = False                 # the app is down whatever the version
         self.fails: set[str] = set()        # versions that never become healthy on this node
         self.deploy_fails: dict[str, int] = {}
+        self.servers = {"local": "UP", "peer": "UP"}  # this node's HAProxy: admin state of each app server
 
 
 class Pair:
     """The simulated pair, API and edge. `active` starts as MASTER holding the reserved IP."""
 
-    def __init__(self, active: str = "primary", health_delay: float = 2.0) -> None:
+    def __init__(self, active: str = "primary", health_delay: float = 2.0, action_s: float = 0.5,
+                 serve: str = "active-standby") -> None:
         self.clock = Clock()
         other = "standby" if active == "primary" else "primary"
         self.nodes = {active: Node(active, "MASTER"), other: Node(other, "BACKUP")}
         self.holder: str | None = active
         self.ids = dict(IDS)    # a reimaged node gets a new droplet ID
         self.health_delay = health_delay
+        self.action_s = action_s
+        self.serve = serve           # both: each HAProxy alternates between the apps in rotation
+        self.transitions: list[tuple[float, str, str]] = []
         self.api_stuck = False
         self.api_errors = 0
         self.unreachable: set[str] = set()
         self.master_lost_at: float | None = None
         self.pending: tuple[str, float] | None = None
         self.calls: list[tuple[float, str, tuple[str, ...]]] = []
-        self.history: list[tuple[float, str | None, bool]] = []
+        self.history: list[tuple[float, str | None, bool, str | None, str | None]] = []
         self.on_call = None       # hook(node, args) after a command is applied
         self.flap: tuple[str, float, float] | None = None  # node unhealthy during [start, end)
         self._lock = threading.RLock()
@@ -86,15 +94,31 @@ class Pair:
         return (not n.broken and n.running is not None and not n.running.startswith("bad")
                 and n.running not in n.fails and t >= n.ready_at)
 
+    def listens(self, n: Node) -> bool:
+        """HAProxy's TCP check passes: the app process is up (healthy or not)."""
+        return not n.broken and n.running is not None and self.clock() >= n.ready_at
+
+    def app_of(self, n: Node, server: str) -> Node:
+        return n if server == "local" else next(m for m in self.nodes.values() if m is not n)
+
+    def picks(self, n: Node) -> Node | None:
+        """The app `n`'s HAProxy sends a request to (active-standby: local first; both: alternating),
+        None: no server."""
+        apps = [self.app_of(n, s) for s in ("local", "peer") if n.servers[s] == "UP" and self.listens(self.app_of(n, s))]
+        if not apps:
+            return None
+        return apps[len(self.history) % len(apps)] if self.serve == "both" else apps[0]
+
     def set_state(self, n: Node, state: str) -> None:
         if n.state != state:
+            self.transitions.append((self.clock(), n.name, state))
             n.state, n.since = state, self.clock()
 
     def advance(self) -> None:
         with self._lock:
             t = self.clock()
             for n in self.nodes.values():
-                healthy = self.app_ok(n) and not n.flag and n.keepalived
+                healthy = self.picks(n) is not None and not n.flag and n.keepalived  # HAProxy's monitor
                 if n.state in ("MASTER", "BACKUP") and not healthy:
                     if n.state == "MASTER":
                         self.master_lost_at = t
@@ -105,11 +129,12 @@ class Pair:
                 ready = [n for n in self.nodes.values() if n.state == "BACKUP"]
                 if ready and t >= (self.master_lost_at or 0.0) + 0.3:
                     self.set_state(ready[0], "MASTER")
-                    self.pending = (ready[0].name, t + 0.5)
+                    self.pending = (ready[0].name, t + self.action_s)
             if self.pending and t >= self.pending[1] and not self.api_stuck:
                 self.holder, self.pending = self.pending[0], None
-            serving = self.holder is not None and self.app_ok(self.nodes[self.holder])
-            self.history.append((t, self.holder, serving))
+            app = self.picks(self.nodes[self.holder]) if self.holder else None
+            serving = app is not None and self.app_ok(app)
+            self.history.append((t, self.holder, serving, app and app.name, app and app.running))
 
     def step(self, seconds: float = 0.05) -> None:
         self.clock.t += seconds
@@ -123,7 +148,9 @@ class Pair:
         return {"node": n.name, "vrrp_state": n.state, "vrrp_since": n.since, "keepalived_running": n.keepalived,
                 "configured_version": n.configured, "running_version": n.running,
                 "http_status": 200 if ok else 503, "app_health": 0 if ok else 1, "healthy": ok and not n.flag,
-                "maintenance": n.flag, "track": track, "lock": lock, "time": self.clock()}
+                "maintenance": n.flag, "track": track, "lock": lock, "time": self.clock(),
+                "haproxy": {k: {"status": v if v != "UP" or self.listens(self.app_of(n, k)) else "DOWN", "sessions": 0}
+                            for k, v in n.servers.items()}}
 
     def run(self, node: str, args, timeout: float):
         with self._lock:
@@ -148,6 +175,21 @@ class Pair:
                 n.flag = True
             elif cmd == "undrain":
                 n.flag = False
+            elif cmd == "server":   # mt-deploy server SERVER STATE --wait S
+                server, state = args[1], args[2]
+                app = self.app_of(n, server)
+                others = [k for k in n.servers if k != server and n.servers[k] == "UP"
+                          and self.listens(self.app_of(n, k))]
+                if state == "maint" and n.servers[server] == "UP" and self.listens(app) and not others:
+                    return rollout.RunResult(7, "", "mt-deploy: not taking app/x out: it is the only app server UP")
+                if state == "maint":
+                    n.servers[server] = "MAINT"
+                elif not self.listens(app):
+                    n.servers[server] = "UP"
+                    return rollout.RunResult(7, "", "mt-deploy: app/x enabled but HAProxy's checks did not see it UP")
+                else:
+                    n.servers[server] = "UP"
+                out = {"node": node, "server": server, "state": n.servers[server], "sessions_left": 0}
             elif cmd == "lock":
                 if n.lock and n.lock != args[1]:
                     code, out = 3, {"node": node, "locked": False,
@@ -187,10 +229,18 @@ class Pair:
 
     def touched(self, node: str) -> set[str]:
         """Commands that change a node (not status, lock, unlock)."""
-        return {a[0] for nd, a in self.commands(node) if a[0] in ("deploy", "drain", "undrain")}
+        return {a[0] for nd, a in self.commands(node) if a[0] in ("deploy", "drain", "undrain", "server")}
 
-    def outage(self) -> list[tuple[float, str | None, bool]]:
+    def outage(self) -> list[tuple]:
         return [h for h in self.history if not h[2]]
+
+    def served(self) -> set[tuple[str | None, str | None]]:
+        """(app's node, version) of every answer a client got."""
+        return {(h[3], h[4]) for h in self.history if h[2]}
+
+    def out_of_rotation(self) -> dict[str, dict[str, str]]:
+        return {n.name: {k: v for k, v in n.servers.items() if v != "UP"} for n in self.nodes.values()
+                if any(v != "UP" for v in n.servers.values())}
 
 
 class FakeApi:
@@ -235,41 +285,56 @@ def do_switchover(pair: Pair, **opts) -> tuple[int, list[str], object]:
 
 
 def assert_clean(pair: Pair) -> None:
-    """Locks released, nothing left drained."""
+    """Locks released, nothing left drained, every app back in rotation in both HAProxies."""
     assert {n.name: n.lock for n in pair.nodes.values()} == {"primary": None, "standby": None}
     assert not any(n.flag for n in pair.nodes.values())
+    assert pair.out_of_rotation() == {}
 
 
 # ------------------------------------------------------------------------------------------------
-# The happy path: standby first, traffic moves once, nobody sees an outage.
+# The happy path: one app at a time out of rotation, standby's first; no IP move, no outage.
+
+
+def server_calls(pair: Pair) -> list[tuple[str, str, str]]:
+    """(HAProxy's node, server, state) of every `mt-deploy server` call, in order."""
+    return [(nd, a[1], a[2]) for nd, a in pair.commands(cmd="server")]
 
 
 @pytest.mark.parametrize("active,standby", [("primary", "standby"), ("standby", "primary")])
-def test_rollout_updates_the_standby_first_moves_traffic_once_then_updates_the_former_active(active, standby):
-    pair = Pair(active=active)
+@pytest.mark.parametrize("serve", ["active-standby", "both"])
+def test_rollout_updates_each_app_out_of_rotation_standby_first_and_never_moves_the_ip(active, standby, serve):
+    pair = Pair(active=active, serve=serve)
     code, lines, tool = do_rollout(pair)
     assert code == rollout.EXIT_OK, lines
     assert pair.commands(cmd="deploy") == [(standby, ("deploy", "v2")), (active, ("deploy", "v2"))]
-    assert pair.commands(cmd="drain") == [(active, ("drain", OWNER))]
-    assert pair.holder == standby                      # traffic stays on the updated node (nopreempt)
+    # Each app out of both HAProxies (the active's first: it carries the traffic) before its deploy,
+    # and back in after; the maintenance flag is never used.
+    assert server_calls(pair) == [
+        (active, "peer", "maint"), (standby, "local", "maint"), (standby, "local", "ready"), (active, "peer", "ready"),
+        (active, "local", "maint"), (standby, "peer", "maint"), (standby, "peer", "ready"), (active, "local", "ready")]
+    assert pair.commands(cmd="drain") == []
+    assert pair.holder == active and {h[1] for h in pair.history} == {active}   # the reserved IP never moved
+    assert pair.transitions == []                                             # keepalived never changed state
     assert {n.configured for n in pair.nodes.values()} == {"v2"}
-    assert pair.nodes[active].state == "BACKUP" and pair.nodes[standby].state == "MASTER"
     assert pair.outage() == []                         # a client was always answered by a healthy app
+    assert pair.served() >= {(standby, "v2"), (active, "v2")}
     assert_clean(pair)
     assert set(tool.report.deploy_health_s) == {active, standby}
-    assert tool.report.active_before == active and tool.report.active_after == standby
+    assert tool.report.active_before == tool.report.active_after == active
 
 
-def test_the_active_is_drained_only_after_the_standby_is_healthy_on_the_new_version_and_back_to_backup():
+def test_the_active_app_is_taken_out_only_after_the_standby_app_is_healthy_and_back_in_rotation():
     pair = Pair(health_delay=5.0)
     code, lines, _ = do_rollout(pair)
     assert code == 0, lines
-    t_drain = next(t for t, nd, a in pair.calls if a[0] == "drain")
+    t_out = next(t for t, nd, a in pair.calls if a[:3] == ("server", "local", "maint") and nd == "primary")
+    t_in = next(t for t, nd, a in pair.calls if a[:3] == ("server", "peer", "ready") and nd == "primary")
     t_deploy = next(t for t, nd, a in pair.calls if a == ("deploy", "v2") and nd == "standby")
-    assert t_drain >= t_deploy + 5.0 + 2.0             # healthy after 5 s, then stable for the 2 s settle
+    assert t_out >= t_deploy + 5.0 + 2.0             # healthy after 5 s, then stable for the 2 s settle
+    assert t_out > t_in
 
 
-def test_a_standby_that_flaps_right_after_becoming_healthy_is_not_given_traffic_until_stable():
+def test_a_standby_that_flaps_right_after_becoming_healthy_is_not_put_back_until_stable():
     pair = Pair(health_delay=2.0)
     deployed = []
 
@@ -282,8 +347,8 @@ def test_a_standby_that_flaps_right_after_becoming_healthy_is_not_given_traffic_
     pair.on_call = hook
     code, lines, _ = do_rollout(pair)
     assert code == 0, lines
-    t_drain = next(t for t, nd, a in pair.calls if a[0] == "drain")
-    assert t_drain >= pair.flap[2] + 2.0                # only after 2 s of uninterrupted health past the flap
+    t_in = next(t for t, nd, a in pair.calls if a[:3] == ("server", "peer", "ready") and nd == "primary")
+    assert t_in >= pair.flap[2] + 2.0                   # only after 2 s of uninterrupted health past the flap
     assert pair.outage() == []
 
 
@@ -296,13 +361,24 @@ def test_the_same_version_everywhere_is_a_no_op():
     assert_clean(pair)
 
 
-def test_an_active_already_on_the_version_keeps_traffic_and_only_the_standby_is_updated():
+def test_an_active_already_on_the_version_is_not_touched_and_only_the_standby_is_updated():
     pair = Pair()
     pair.nodes["primary"].configured = pair.nodes["primary"].running = "v2"
     code, lines, _ = do_rollout(pair)
     assert code == 0, lines
     assert pair.commands(cmd="deploy") == [("standby", ("deploy", "v2"))]
-    assert pair.commands(cmd="drain") == [] and pair.holder == "primary"
+    assert ("primary", "local", "maint") not in server_calls(pair) and pair.holder == "primary"
+    assert_clean(pair)
+
+
+def test_refuses_while_an_app_is_still_out_of_rotation_from_an_earlier_run_and_says_how_to_put_it_back():
+    pair = Pair()
+    pair.nodes["primary"].servers["peer"] = "MAINT"
+    code, lines, _ = do_rollout(pair)
+    assert code == rollout.EXIT_REFUSED
+    assert any("primary's HAProxy has an app out of rotation (peer MAINT" in ln
+               and "mt-deploy server peer ready` on primary" in ln for ln in lines)
+    assert pair.touched("primary") == pair.touched("standby") == set()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,22 +456,28 @@ def test_api_hiccups_during_the_survey_are_retried():
 
 
 # ------------------------------------------------------------------------------------------------
-# Failures on the standby: the active is never touched.
+# Failures on the standby: the active is never touched, a bad version is never served.
 
 
-def test_a_version_that_never_becomes_healthy_is_rolled_back_on_the_standby_and_never_gets_traffic():
-    pair = Pair()
+@pytest.mark.parametrize("serve", ["active-standby", "both"])
+def test_a_version_that_never_becomes_healthy_is_rolled_back_out_of_rotation_and_never_served(serve):
+    pair = Pair(serve=serve)
     start = pair.clock()
     code, lines, _ = do_rollout(pair, "bad-2", health_timeout=20.0)
     assert code == rollout.EXIT_FAILED
-    assert pair.touched("primary") == set()                       # the active was never touched
+    assert pair.commands("primary", "deploy") == []                 # the active's app was never touched
+    assert ("primary", "local", "maint") not in server_calls(pair)
     assert pair.commands("standby", "deploy") == [("standby", ("deploy", "bad-2")), ("standby", ("deploy", "v1"))]
     assert {h[1] for h in pair.history} == {"primary"} and pair.outage() == []
+    assert not any(version == "bad-2" for _, version in pair.served())  # it listened, but HAProxy never sent to it
+    if serve == "both":
+        assert ("standby", "v1") in pair.served()                   # the standby's app did serve before and after
+    assert pair.transitions == []
     assert pair.nodes["standby"].configured == "v1" and pair.nodes["standby"].state == "BACKUP"
     assert pair.clock() - start < 20.0 + 2.0 + 2.0 + 5.0          # bounded: health timeout + rollback
     assert any("never became healthy on the standby" in ln and "was not touched" in ln for ln in lines)
     assert any(ln.startswith("traffic now: reserved IP on primary") for ln in lines)
-    assert_clean(pair)
+    assert_clean(pair)                                              # rolled back, so back in rotation
 
 
 def test_a_failed_deploy_on_the_standby_is_rolled_back_and_the_active_is_not_touched():
@@ -403,68 +485,76 @@ def test_a_failed_deploy_on_the_standby_is_rolled_back_and_the_active_is_not_tou
     pair.nodes["standby"].deploy_fails["v2"] = 5
     code, lines, _ = do_rollout(pair)
     assert code == rollout.EXIT_FAILED
-    assert pair.touched("primary") == set()
+    assert pair.commands("primary", "deploy") == []
     assert pair.nodes["standby"].configured == "v1"
     assert any("exited 5" in ln for ln in lines)
+    assert_clean(pair)
 
 
-def test_a_standby_that_cannot_be_rolled_back_is_reported_as_degraded():
+def test_a_standby_that_cannot_be_rolled_back_stays_out_of_rotation_and_is_degraded():
     pair = Pair()
     pair.nodes["standby"].deploy_fails["v1"] = 5
     code, lines, _ = do_rollout(pair, "bad-2", health_timeout=10.0)
     assert code == rollout.EXIT_DEGRADED
-    assert pair.touched("primary") == set() and pair.holder == "primary" and pair.outage() == []
-    assert any("could NOT be rolled back" in ln for ln in lines)
-    assert_clean(pair)
+    assert pair.commands("primary", "deploy") == [] and pair.holder == "primary" and pair.outage() == []
+    assert pair.out_of_rotation() == {"primary": {"peer": "MAINT"}, "standby": {"local": "MAINT"}}
+    assert any("could NOT be rolled back" in ln and "stays out of rotation" in ln for ln in lines)
+    assert all(n.lock is None for n in pair.nodes.values())
 
 
 # ------------------------------------------------------------------------------------------------
-# Failures during and after the move.
+# Failures on the active node's app: the standby's app serves meanwhile, the IP stays.
 
 
-def test_a_reserved_ip_that_does_not_move_in_time_undrains_the_active_and_fails():
-    pair = Pair()
-    pair.api_stuck = True
-    code, lines, _ = do_rollout(pair, move_timeout=8.0)
-    # keepalived moved (standby MASTER) but the API did not: they disagree, so an operator must look.
-    assert code == rollout.EXIT_DEGRADED
-    assert any("treat this as degraded" in ln for ln in lines)
-    assert pair.nodes["primary"].flag is False                     # undrained: it keeps serving
-    assert pair.commands("primary", "deploy") == []                # the former active was not updated
-    assert pair.holder == "primary" and pair.outage() == []
-    assert any("did not move to standby within 8 s" in ln for ln in lines)
-    assert_clean(pair)
-
-
-def test_a_former_active_that_fails_the_new_version_is_rolled_back_and_undrained():
+def test_a_former_active_that_fails_the_new_version_is_rolled_back_and_put_back():
     pair = Pair()
     pair.nodes["primary"].fails.add("v2")
     code, lines, _ = do_rollout(pair)
     assert code == rollout.EXIT_FAILED, lines
-    assert pair.holder == "standby" and pair.nodes["standby"].running == "v2"   # traffic on the updated node
-    assert pair.nodes["primary"].configured == "v1" and pair.nodes["primary"].state == "BACKUP"
-    assert pair.outage() == []
+    assert pair.holder == "primary" and pair.nodes["standby"].running == "v2"
+    assert pair.nodes["primary"].configured == "v1" and pair.nodes["primary"].state == "MASTER"
+    assert pair.outage() == [] and pair.transitions == []
+    assert not any(nd == "primary" and version == "v2" for nd, version in pair.served())
     assert any("mixed" in ln for ln in lines)
     assert_clean(pair)
 
 
-def test_a_former_active_that_cannot_be_rolled_back_stays_drained_and_is_degraded():
+def test_a_former_active_that_cannot_be_rolled_back_stays_out_of_rotation_and_is_degraded():
     pair = Pair()
     pair.nodes["primary"].fails.add("v2")
     pair.nodes["primary"].deploy_fails["v1"] = 5
     code, lines, _ = do_rollout(pair)
     assert code == rollout.EXIT_DEGRADED
-    assert pair.nodes["primary"].flag is True                      # never undrained while unhealthy
-    assert pair.holder == "standby" and pair.outage() == []
+    # The standby's app serves every request through the active's HAProxy; the IP never moved.
+    assert pair.out_of_rotation() == {"primary": {"local": "MAINT"}, "standby": {"peer": "MAINT"}}
+    assert pair.holder == "primary" and pair.outage() == [] and pair.transitions == []
     assert all(n.lock is None for n in pair.nodes.values())
-    assert any("stays drained" in ln for ln in lines)
+    assert any("stays out of rotation" in ln for ln in lines)
 
 
-def test_sigterm_during_the_move_undrains_the_healthy_active_releases_locks_and_says_where_traffic_is():
+def test_an_app_haproxy_will_not_take_out_stops_the_rollout_before_its_deploy():
+    pair = Pair()
+    real_run = pair.run
+
+    def refusing(node, args, timeout):
+        if node == "primary" and tuple(args[:3]) == ("server", "local", "maint"):
+            pair.calls.append((pair.clock(), node, tuple(args)))
+            return rollout.RunResult(7, "", "mt-deploy: not taking app/local out: it is the only app server UP")
+        return real_run(node, args, timeout)
+
+    pair.run = refusing
+    code, lines, _ = do_rollout(pair)
+    assert code == rollout.EXIT_FAILED
+    assert pair.commands("primary", "deploy") == []
+    assert any("could not be taken out of rotation" in ln and "only app server UP" in ln for ln in lines)
+    assert_clean(pair)
+
+
+def test_sigterm_while_the_active_app_is_taken_out_puts_it_back_releases_locks_and_says_where_traffic_is():
     pair = Pair()
 
     def hook(node, args):
-        if args[0] == "drain":
+        if node == "primary" and tuple(args[:3]) == ("server", "local", "maint"):
             os.kill(os.getpid(), signal.SIGTERM)
 
     pair.on_call = hook
@@ -473,12 +563,11 @@ def test_sigterm_during_the_move_undrains_the_healthy_active_releases_locks_and_
     assert code == rollout.EXIT_INTERRUPTED
     assert signal.getsignal(signal.SIGTERM) is before              # handlers restored
     assert pair.commands("primary", "deploy") == []
-    assert pair.commands("primary", "undrain")
     assert any(ln.startswith("traffic now:") for ln in lines)
-    assert_clean(pair)
+    assert_clean(pair)                                              # healthy: back in rotation
 
 
-def test_sigint_while_the_former_active_is_unhealthy_leaves_it_drained_and_says_so():
+def test_sigint_while_the_active_app_is_unhealthy_leaves_it_out_of_rotation_and_says_how_to_put_it_back():
     pair = Pair()
 
     def hook(node, args):
@@ -488,21 +577,55 @@ def test_sigint_while_the_former_active_is_unhealthy_leaves_it_drained_and_says_
     pair.on_call = hook
     code, lines, _ = do_rollout(pair)
     assert code == rollout.EXIT_INTERRUPTED
-    assert pair.nodes["primary"].flag is True and pair.holder == "standby"
-    assert any("left drained" in ln for ln in lines)
+    assert pair.out_of_rotation() == {"primary": {"local": "MAINT"}, "standby": {"peer": "MAINT"}}
+    assert pair.holder == "primary" and pair.outage() == []
+    assert any("stays out of rotation" in ln and "server local ready` on primary" in ln for ln in lines)
     assert all(n.lock is None for n in pair.nodes.values())
 
 
 # ------------------------------------------------------------------------------------------------
-# Switchover.
+# Switchover: the one planned IP move.
 
 
-def test_switchover_moves_the_reserved_ip_to_the_standby_and_keeps_it_there():
-    pair = Pair()
+def test_switchover_moves_the_reserved_ip_and_the_old_holder_forwards_to_the_new_app_until_the_move_completes():
+    pair = Pair(action_s=5.0)                                      # the API's realistic action time
     code, lines, _ = do_switchover(pair)
     assert code == 0, lines
     assert pair.holder == "standby" and pair.nodes["primary"].state == "BACKUP"
     assert pair.commands(cmd="deploy") == [] and pair.outage() == []
+    t_drain = next(t for t, nd, a in pair.calls if a[0] == "drain")
+    t_local_out = next(t for t, nd, a in pair.calls if a[:3] == ("server", "local", "maint"))
+    assert t_local_out < t_drain                                   # forwarding before keepalived lets go
+    while_moving = [h for h in pair.history if h[0] > t_drain and h[1] == "primary"]
+    assert len(while_moving) > 10 and {h[3] for h in while_moving} == {"standby"}  # served by the new app
+    assert_clean(pair)                                             # rejoined: its app back in rotation
+
+
+def test_a_reserved_ip_that_does_not_move_in_time_undrains_the_active_and_puts_its_app_back():
+    pair = Pair()
+    pair.api_stuck = True
+    code, lines, _ = do_switchover(pair, move_timeout=8.0)
+    # keepalived moved (standby MASTER) but the API did not: they disagree, so an operator must look.
+    assert code == rollout.EXIT_DEGRADED
+    assert any("treat this as degraded" in ln for ln in lines)
+    assert pair.nodes["primary"].flag is False                     # undrained: it keeps serving
+    assert pair.holder == "primary" and pair.outage() == []
+    assert any("did not move to standby within 8 s" in ln for ln in lines)
+    assert_clean(pair)
+
+
+def test_sigterm_during_the_move_undrains_the_healthy_active_and_puts_its_app_back():
+    pair = Pair()
+
+    def hook(node, args):
+        if args[0] == "drain":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    pair.on_call = hook
+    code, lines, _ = do_switchover(pair)
+    assert code == rollout.EXIT_INTERRUPTED
+    assert pair.commands("primary", "undrain")
+    assert any(ln.startswith("traffic now:") for ln in lines)
     assert_clean(pair)
 
 
