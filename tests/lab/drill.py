@@ -424,6 +424,8 @@ def run_extra(lab: Lab, name: str, workdir: Path) -> tuple[dict, list[dict]]:
     t1 = time.time()
     entry["ip_moves"] = len(lab.moves(t0, t1))
     entry.setdefault("limits", {})
+    entry.setdefault("requests", 0)  # a check without traffic: no request sent, none failed
+    entry.setdefault("failed", 0)
     if name in EXTRA_MOVE_LIMITS:
         entry["limits"] = {**entry.get("limits", {}),
                            **check_limits(entry, {"ip_moves": EXTRA_MOVE_LIMITS[name]})}
