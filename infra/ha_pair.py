@@ -36,7 +36,7 @@ from infra import steps
 from infra.adopt import stack_tag
 from infra.cloudinit import PROVISION_USER, HostKey, render_cloud_init
 from infra.database import DB_CA_FILE, GrantsStep, SharedDatabase, db_client_tag
-from infra.haproxy import HaproxyFacts
+from infra.haproxy import HaproxyFacts, worker_server
 from infra.node import (
     REPO_ROOT,
     STEP_APP,
@@ -49,6 +49,7 @@ from infra.node import (
     NodePaths,
     files_for_step,
     render_node_files,
+    render_worker_files,
     step_digest,
 )
 from infra.profiles import PROFILES
@@ -114,7 +115,9 @@ class HaPair(pulumi.ComponentResource):
         self.provision_key = tls.PrivateKey(f"{name}-provision-key", algorithm="ED25519", opts=child_opts)
         self.host_keys: dict[str, tls.PrivateKey] = {}
         self.droplets: dict[str, do.Droplet] = {}
-        for node in NODES:
+        # App workers (appWorkers) are droplets like the pair's, built the same way: worker-1, worker-2, ...
+        worker_names = [worker_server(i) for i in range(s.app_workers)]
+        for node in (*NODES, *worker_names):
             # The node's SSH host key, made here so every connection can pin it. It outlives a
             # replaced droplet: the new one gets the same key, and known_hosts stays valid.
             key = tls.PrivateKey(f"{name}-{node}-host-key", algorithm="ED25519", opts=child_opts)
@@ -151,15 +154,16 @@ class HaPair(pulumi.ComponentResource):
 
         # The shared database (or the warning that there is none); its URI reaches the nodes as a
         # secret app.env.
-        self.database = SharedDatabase(name, s, self.vpc, [self.droplets[n] for n in NODES], self)
+        self.database = SharedDatabase(name, s, self.vpc, list(self.droplets.values()), self)
 
         self.node_chains: dict[str, NodeChain] = {}
-        for node in NODES:
-            peer = "standby" if node == "primary" else "primary"
+        for node in (*NODES, *worker_names):
+            peer = {"primary": "standby", "standby": "primary"}.get(node)
             self.node_chains[node] = NodeChain(
                 name=f"{name}-{node}", node=node, settings=s, droplet=self.droplets[node],
-                peer=self.droplets[peer], host_key=self.host_keys[node].public_key_openssh,
+                peer=self.droplets[peer] if peer else None, host_key=self.host_keys[node].public_key_openssh,
                 provision_key=self.provision_key.private_key_openssh, parent=self)
+        worker_ips = [self.droplets[w].ipv4_address_private for w in worker_names]
         app_after: list[pulumi.Resource] = []
         for node in ("standby", "primary"):  # app step: standby first, then primary
             peer = "standby" if node == "primary" else "primary"
@@ -170,8 +174,15 @@ class HaPair(pulumi.ComponentResource):
                 db_ca=self.database.ca_certificate,
                 # The app user's rights, granted once from the node whose app starts first.
                 db_grants=self.database.grants if not app_after else None,
+                workers=worker_ips,
             )
             app_after.append(chain.app)
+        # Workers provision in parallel with the pair; each app starts once the app user's grants exist.
+        grants = [c for c in (self.node_chains["standby"].db_grants,) if c is not None]
+        for w in worker_names:
+            self.node_chains[w].provision_worker(
+                pair=[self.droplets[n] for n in NODES], app_env=self.database.app_env, repo_root=args.repo_root,
+                db_ca=self.database.ca_certificate, app_after=grants)
 
         port = "" if s.app_port == 80 else f":{s.app_port}"
         self.app_url = Output.concat("http://", self.reserved_ip.ip_address, port, "/")
@@ -195,20 +206,35 @@ class HaPair(pulumi.ComponentResource):
                 "public_ipv4": d.ipv4_address,
                 "private_ipv4": d.ipv4_address_private,
             }
-            for node, d in self.droplets.items()
+            for node, d in self.droplets.items() if node in NODES
         }
-        # known_hosts lines for both droplets' public addresses (CI's ssh and the rollout tool read them).
+        # In HAProxy's order: `workers[i]` is server worker-(i+1) in both nodes' backend.
+        self.workers = [
+            {"droplet_id": self.droplets[w].id.apply(int), "private_ipv4": self.droplets[w].ipv4_address_private}
+            for w in worker_names
+        ]
+        # known_hosts lines for every droplet's public address, workers too (CI's ssh and the rollout tool).
         self.known_hosts = Output.all(*[Output.all(self.droplets[n].ipv4_address, self.host_keys[n].public_key_openssh)
-                                        for n in NODES]).apply(
+                                        for n in self.droplets]).apply(
             lambda pairs: "".join(known_hosts_line(h, k) + "\n" for h, k in pairs))
         self.register_outputs({
             "reserved_ip": self.reserved_ip.ip_address,
             "app_url": self.app_url,
             "vpc_id": self.vpc.id,
             "nodes": self.nodes,
+            "workers": self.workers,
             "database_host": self.database.host,
             "known_hosts": self.known_hosts,
         })
+
+
+def _step_inputs(rendered: Output[list[NodeFile]]):
+    """step -> (archive, digest) of that step's files in `rendered` (`rename` stages a file as .new)."""
+    def step_inputs(step: str, rename: dict[str, str] | None = None) -> tuple[Output[str], Output[str]]:
+        archive = rendered.apply(lambda fs: steps.archive_b64(files_for_step(fs, step), rename))
+        digest = rendered.apply(lambda fs: step_digest(files_for_step(fs, step)))
+        return archive, digest
+    return step_inputs
 
 
 def _relative_dir(path: Path) -> str:
@@ -226,7 +252,7 @@ class NodeChain:
     provisioned, because each node's firewall, HAProxy and keepalived wait for the peer's retire),
     then `provision`: bootstrap -> token/failover/firewall -> app -> HAProxy -> keepalived."""
 
-    def __init__(self, *, name: str, node: str, settings: Settings, droplet: do.Droplet, peer: do.Droplet,
+    def __init__(self, *, name: str, node: str, settings: Settings, droplet: do.Droplet, peer: do.Droplet | None,
                  host_key: Output[str], provision_key: Output[str], parent: pulumi.Resource) -> None:
         s = settings
         self.name, self.node, self.settings, self.droplet, self.peer, self.parent = name, node, s, droplet, peer, parent
@@ -252,75 +278,46 @@ class NodeChain:
         # Replaced only with the droplet (its ID is the one trigger). Delete-before-replace: the old
         # droplet's services stop as soon as the new droplet answers SSH, before the survivor is
         # re-pointed at it (its steps depend on this), not when Pulumi deletes the old droplet at the end.
+        if peer is None:  # an app worker: nothing on it can fight over the reserved IP
+            self.retire = None
+            return
         self.retire = command.remote.Command(
             f"{name}-retire", connection=self.steady_conn, create=steps.retire_armed_command(),
             delete=steps.retire_command(self.paths), triggers=[droplet.id],
             opts=ResourceOptions(parent=parent, depends_on=[self.wait], delete_before_replace=True),
         )
 
-    def provision(self, *, reserved_ip: Output[str], app_env: Output[str], repo_root: Path,
-                  app_after: list[pulumi.Resource], peer_retire: pulumi.Resource,
-                  db_grants: GrantsStep | None = None, db_ca: Output[str] | None = None) -> None:
-        s, name, node, droplet, peer, parent = self.settings, self.name, self.node, self.droplet, self.peer, self.parent
-        paths, steady_conn = self.paths, self.steady_conn
+    def _secret_file(self, step: str, path: str, content: pulumi.Input[str], mode: str = "0600") -> command.remote.Command:
+        """Write `content` to `path` on the node, root and `mode` from the first byte, via stdin only."""
+        secret = Output.secret(content)
+        return command.remote.Command(
+            f"{self.name}-{step}", connection=self.steady_conn, create=steps.secret_file_command(path, mode=mode),
+            stdin=secret, triggers=[self.droplet.id, secret.apply(steps.digest)],
+            opts=ResourceOptions(parent=self.parent, depends_on=[self.bootstrap]),
+        )
 
-        def secret_file(step: str, path: str, content: pulumi.Input[str], mode: str = "0600") -> command.remote.Command:
-            """Write `content` to `path` on the node, root and `mode` from the first byte, via stdin only."""
-            secret = Output.secret(content)
-            return command.remote.Command(
-                f"{name}-{step}", connection=steady_conn, create=steps.secret_file_command(path, mode=mode), stdin=secret,
-                triggers=[droplet.id, secret.apply(steps.digest)],
-                opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap]),
-            )
-
-        def facts(values: list) -> NodeFacts:
-            droplet_id, private_ip, peer_ip, rip, peer_public_ip = values
-            return NodeFacts(
-                name=node, droplet_id=int(droplet_id), private_ip=private_ip, peer_private_ip=peer_ip,
-                peer_public_ip=peer_public_ip,
-                reserved_ip=rip, priority=PRIORITY[node], router_id=s.vrrp_router_id,
-                private_interface=s.private_interface, admin_cidrs=s.admin_cidrs, http_ports=s.http_ports,
-                health_url=s.health_url, profile=PROFILES[s.failover_profile], compose_project=COMPOSE_PROJECT,
-                paths=paths, app_image=s.app_image, app_version=s.app_version,
-                haproxy=HaproxyFacts(public_port=s.app_port, backend_port=s.app_backend_port,
-                                     serve=s.serve, check_path=s.app_check_path),
-            )
-
-        rendered: Output[list[NodeFile]] = Output.all(
-            droplet.id, droplet.ipv4_address_private, peer.ipv4_address_private, reserved_ip, peer.ipv4_address,
-        ).apply(lambda v: render_node_files(facts(v), compose_text=s.compose.text, repo_root=repo_root))
-
-        def step_inputs(step: str, rename: dict[str, str] | None = None) -> tuple[Output[str], Output[str]]:
-            archive = rendered.apply(lambda fs: steps.archive_b64(files_for_step(fs, step), rename))
-            digest = rendered.apply(lambda fs: step_digest(files_for_step(fs, step)))
-            return archive, digest
-
+    def _bootstrap(self, repo_root: Path) -> None:
         bootstrap_script = (repo_root / "scripts" / "node-bootstrap.sh").read_text()
         self.bootstrap = command.remote.Command(
-            f"{name}-bootstrap", connection=steady_conn, create=steps.bootstrap_command(), stdin=bootstrap_script,
-            triggers=[droplet.id, steps.digest(bootstrap_script)],
-            opts=ResourceOptions(parent=parent, depends_on=[self.wait],
+            f"{self.name}-bootstrap", connection=self.steady_conn, create=steps.bootstrap_command(),
+            stdin=bootstrap_script, triggers=[self.droplet.id, steps.digest(bootstrap_script)],
+            opts=ResourceOptions(parent=self.parent, depends_on=[self.wait],
                                  custom_timeouts=pulumi.CustomTimeouts(create="20m", update="20m")),
         )
-        self.token = secret_file("failover-token", paths.token_file, s.failover_token.reveal())
-        # Always shipped, empty when alerts are off: turning alerts off also removes the old URL.
-        webhook = s.alert_webhook_url.reveal() if s.alert_webhook_url else ""
-        self.alert_webhook = secret_file("alert-webhook", paths.alert_webhook_file, webhook)
-        archive, self.failover_digest = step_inputs(STEP_FAILOVER)
-        self.failover = command.remote.Command(
-            f"{name}-failover", connection=steady_conn, create=steps.failover_command(paths), stdin=archive,
-            triggers=[droplet.id, self.failover_digest],
-            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap, self.token, self.alert_webhook]),
-        )
+
+    def _firewall(self, step_inputs, after: list[pulumi.Resource]) -> None:
         archive, self.firewall_digest = step_inputs(STEP_FIREWALL)
         self.firewall = command.remote.Command(
-            f"{name}-firewall", connection=steady_conn, create=steps.firewall_command(paths, s.admin_cidrs),
-            stdin=archive, triggers=[droplet.id, self.firewall_digest],
-            # After the peer's retire: a replaced peer is stopped before VRRP from it is refused here.
-            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap, peer_retire]),
+            f"{self.name}-firewall", connection=self.steady_conn,
+            create=steps.firewall_command(self.paths, self.settings.admin_cidrs),
+            stdin=archive, triggers=[self.droplet.id, self.firewall_digest],
+            opts=ResourceOptions(parent=self.parent, depends_on=[self.bootstrap, *after]),
         )
 
-        app_deps: list[pulumi.Resource] = [self.bootstrap, self.failover]
+    def _app(self, step_inputs, *, app_env: Output[str], db_ca: Output[str] | None, app_deps: list[pulumi.Resource],
+             app_after: list[pulumi.Resource], db_grants: GrantsStep | None) -> None:
+        """Registry login, app.env, the database's CA (and grants), then compose up: the app step."""
+        s, name, droplet, parent, steady_conn = self.settings, self.name, self.droplet, self.parent, self.steady_conn
         self.registry = None
         if s.registry:
             reg = s.registry
@@ -332,9 +329,9 @@ class NodeChain:
                 opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap]),
             )
             app_deps.append(self.registry)
-        self.app_env = secret_file("app-env", paths.app_env, app_env)
+        self.app_env = self._secret_file("app-env", self.paths.app_env, app_env)
         # The database's CA (public; empty without a managed cluster), read by the app's container.
-        self.db_ca = secret_file("db-ca", DB_CA_FILE, db_ca if db_ca is not None else "", mode="0644")
+        self.db_ca = self._secret_file("db-ca", DB_CA_FILE, db_ca if db_ca is not None else "", mode="0644")
         # After the firewall: its forward chain keeps the containers from the metadata service.
         app_deps += [self.app_env, self.db_ca, self.firewall]
         self.db_grants = None
@@ -348,11 +345,91 @@ class NodeChain:
             app_deps.append(self.db_grants)
         archive, self.app_digest = step_inputs(STEP_APP)
         self.app = command.remote.Command(
-            f"{name}-app", connection=steady_conn, create=steps.app_command(paths, COMPOSE_PROJECT), stdin=archive,
+            f"{name}-app", connection=steady_conn, create=steps.app_command(self.paths, COMPOSE_PROJECT), stdin=archive,
             triggers=[droplet.id, self.app_digest],
             opts=ResourceOptions(parent=parent, depends_on=app_deps + app_after,
                                  custom_timeouts=pulumi.CustomTimeouts(create="20m", update="20m")),
         )
+
+    def provision_worker(self, *, pair: list[do.Droplet], app_env: Output[str], repo_root: Path,
+                         db_ca: Output[str] | None, app_after: list[pulumi.Resource]) -> None:
+        """An app worker: wait -> bootstrap -> firewall -> app, the pair's own step functions; no
+        token, failover, HAProxy or keepalived. Its nftables admit the app port from `pair` only."""
+        s, node, droplet = self.settings, self.node, self.droplet
+
+        def facts(values: list) -> NodeFacts:
+            droplet_id, private_ip, *pair_ips = values
+            return NodeFacts(
+                name=node, droplet_id=int(droplet_id), private_ip=private_ip, peer_private_ip=pair_ips[0],
+                reserved_ip="", priority=0, router_id=s.vrrp_router_id, private_interface=s.private_interface,
+                admin_cidrs=s.admin_cidrs, http_ports=s.http_ports, health_url=s.health_url,
+                compose_project=COMPOSE_PROJECT, paths=self.paths, app_image=s.app_image, app_version=s.app_version,
+                haproxy=HaproxyFacts(public_port=s.app_port, backend_port=s.app_backend_port, serve=s.serve,
+                                     check_path=s.app_check_path),
+                pair_private_ips=tuple(pair_ips),
+            )
+
+        rendered: Output[list[NodeFile]] = Output.all(
+            droplet.id, droplet.ipv4_address_private, *[d.ipv4_address_private for d in pair],
+        ).apply(lambda v: render_worker_files(facts(v), compose_text=s.compose.text, repo_root=repo_root))
+        step_inputs = _step_inputs(rendered)
+        self._bootstrap(repo_root)
+        self.token = self.alert_webhook = self.failover = self.haproxy = self.keepalived = None
+        self.failover_digest = self.haproxy_digest = self.keepalived_digest = ""
+        self._firewall(step_inputs, [])
+        self._app(step_inputs, app_env=app_env, db_ca=db_ca, app_deps=[self.bootstrap], app_after=app_after,
+                  db_grants=None)
+        self._finish()
+
+    def _finish(self) -> None:
+        self.commands = [c for c in (self.wait, self.retire, self.bootstrap, self.token, self.alert_webhook, self.failover,
+                                     self.firewall, self.registry, self.app_env, self.db_ca, self.db_grants, self.app,
+                                     self.haproxy, self.keepalived) if c is not None]
+        self.digest = Output.all(self.failover_digest, self.firewall_digest, self.keepalived_digest,
+                                 self.app_digest, self.haproxy_digest).apply(lambda ds: steps.digest(*ds))
+
+    def provision(self, *, reserved_ip: Output[str], app_env: Output[str], repo_root: Path,
+                  app_after: list[pulumi.Resource], peer_retire: pulumi.Resource,
+                  db_grants: GrantsStep | None = None, db_ca: Output[str] | None = None,
+                  workers: list[Output[str]] | None = None) -> None:
+        s, name, node, droplet, peer, parent = self.settings, self.name, self.node, self.droplet, self.peer, self.parent
+        paths, steady_conn = self.paths, self.steady_conn
+
+        secret_file = self._secret_file
+        def facts(values: list) -> NodeFacts:
+            droplet_id, private_ip, peer_ip, rip, peer_public_ip, *worker_ips = values
+            return NodeFacts(
+                name=node, droplet_id=int(droplet_id), private_ip=private_ip, peer_private_ip=peer_ip,
+                peer_public_ip=peer_public_ip,
+                reserved_ip=rip, priority=PRIORITY[node], router_id=s.vrrp_router_id,
+                private_interface=s.private_interface, admin_cidrs=s.admin_cidrs, http_ports=s.http_ports,
+                health_url=s.health_url, profile=PROFILES[s.failover_profile], compose_project=COMPOSE_PROJECT,
+                paths=paths, app_image=s.app_image, app_version=s.app_version,
+                haproxy=HaproxyFacts(public_port=s.app_port, backend_port=s.app_backend_port,
+                                     serve=s.serve, check_path=s.app_check_path, workers=tuple(worker_ips)),
+            )
+
+        assert peer is not None  # noqa: S101 - a pair node has a peer (workers use provision_worker)
+        rendered: Output[list[NodeFile]] = Output.all(
+            droplet.id, droplet.ipv4_address_private, peer.ipv4_address_private, reserved_ip, peer.ipv4_address,
+            *(workers or []),
+        ).apply(lambda v: render_node_files(facts(v), compose_text=s.compose.text, repo_root=repo_root))
+        step_inputs = _step_inputs(rendered)
+        self._bootstrap(repo_root)
+        self.token = secret_file("failover-token", paths.token_file, s.failover_token.reveal())
+        # Always shipped, empty when alerts are off: turning alerts off also removes the old URL.
+        webhook = s.alert_webhook_url.reveal() if s.alert_webhook_url else ""
+        self.alert_webhook = secret_file("alert-webhook", paths.alert_webhook_file, webhook)
+        archive, self.failover_digest = step_inputs(STEP_FAILOVER)
+        self.failover = command.remote.Command(
+            f"{name}-failover", connection=steady_conn, create=steps.failover_command(paths), stdin=archive,
+            triggers=[droplet.id, self.failover_digest],
+            opts=ResourceOptions(parent=parent, depends_on=[self.bootstrap, self.token, self.alert_webhook]),
+        )
+        # After the peer's retire: a replaced peer is stopped before VRRP from it is refused here.
+        self._firewall(step_inputs, [peer_retire])
+        self._app(step_inputs, app_env=app_env, db_ca=db_ca, app_deps=[self.bootstrap, self.failover],
+                  app_after=app_after, db_grants=db_grants)
         # HAProxy after this node's app: on a node that ran the app on port 80 before HAProxy, the
         # app step moves it to appBackendPort first, so HAProxy can take port 80.
         archive, self.haproxy_digest = step_inputs(STEP_HAPROXY, steps.staging_path(paths.haproxy_cfg))
@@ -369,8 +446,4 @@ class NodeChain:
             opts=ResourceOptions(parent=parent, depends_on=[self.failover, self.firewall, self.token, self.haproxy,
                                                                   peer_retire]),
         )
-        self.commands = [c for c in (self.wait, self.retire, self.bootstrap, self.token, self.alert_webhook, self.failover,
-                                     self.firewall, self.registry, self.app_env, self.db_ca, self.db_grants, self.app,
-                                     self.haproxy, self.keepalived) if c is not None]
-        self.digest = Output.all(self.failover_digest, self.firewall_digest, self.keepalived_digest,
-                                 self.app_digest, self.haproxy_digest).apply(lambda ds: steps.digest(*ds))
+        self._finish()

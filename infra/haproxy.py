@@ -35,6 +35,12 @@ METRICS_PATH = "/metrics"
 BACKEND = "app"          # backend and server names are the admin socket's contract (rollouts)
 LOCAL_SERVER = "local"
 PEER_SERVER = "peer"
+WORKER_SERVER = "worker-{n}"  # n = 1, 2, ...: the worker's index in the stack output `workers`
+
+
+def worker_server(index: int) -> str:
+    """HAProxy's server name for the worker at `index` (0-based) in the stack output `workers`."""
+    return WORKER_SERVER.format(n=index + 1)
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class HaproxyFacts:
     monitor_port: int = MONITOR_PORT
     metrics_port: int = METRICS_PORT
     user: str = "haproxy"              # Debian's package user; empty: stay the user that started it
+    workers: tuple[str, ...] = ()      # app workers' private IPv4s (appWorkers), in output order
 
     def __post_init__(self) -> None:
         if self.serve not in SERVE_MODES:
@@ -60,8 +67,9 @@ class HaproxyFacts:
 
 def _servers(private_ip: str, peer_ip: str, h: HaproxyFacts) -> str:
     check = "check inter 200ms fall 2 rise 2"
-    return (f"    server {LOCAL_SERVER} {private_ip}:{h.backend_port} {check}\n"
-            f"    server {PEER_SERVER} {peer_ip}:{h.backend_port} {check}\n")
+    servers = [(LOCAL_SERVER, private_ip), (PEER_SERVER, peer_ip)]
+    servers += [(worker_server(i), ip) for i, ip in enumerate(h.workers)]
+    return "".join(f"    server {name} {ip}:{h.backend_port} {check}\n" for name, ip in servers)
 
 
 def render_haproxy_cfg(facts) -> str:  # facts: infra.node.NodeFacts (import cycle otherwise)
@@ -70,7 +78,14 @@ def render_haproxy_cfg(facts) -> str:  # facts: infra.node.NodeFacts (import cyc
     ipaddress.ip_address(facts.peer_private_ip)
     trusted = " ".join([*facts.admin_cidrs, f"{facts.peer_private_ip}/32", "127.0.0.1/32"])
     user = f"    user {h.user}\n    group {h.user}\n" if h.user else ""
-    if h.serve == "active-standby":
+    for ip in h.workers:
+        ipaddress.ip_address(ip)
+    if h.workers:
+        balance = (f"    # {len(h.workers)} app worker(s) (appWorkers): each request to the app server with the fewest\n"
+                   "    # requests in progress, over both nodes' apps and every worker, whatever `serve` says:\n"
+                   "    # the peer's app is one more server over the VPC, like a worker, and a slow server gets less.\n"
+                   "    balance leastconn\n")
+    elif h.serve == "active-standby":
         balance = ("    # active-standby: every request to the first server (the local app, no maxconn); the peer's\n"
                    "    # app only while the local one is DOWN, and for the retry of a request the local app\n"
                    "    # refused (a retry avoids the server that failed). Not `backup`: a backup server is not\n"

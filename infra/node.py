@@ -189,6 +189,13 @@ class NodeFacts:
     # HAProxy in front of the app (the stack always sets it). None: the app owns the public port
     # and keepalived checks the app itself (the lab until it runs HAProxy).
     haproxy: HaproxyFacts | None = None
+    # Set only on an app worker (appWorkers): the two pair nodes' private IPs, the only sources its
+    # app port admits (their HAProxy). A worker runs the app alone: no keepalived, no reserved IP.
+    pair_private_ips: tuple[str, ...] = ()
+
+    @property
+    def is_worker(self) -> bool:
+        return bool(self.pair_private_ips)
 
 
 @dataclass(frozen=True)
@@ -412,7 +419,7 @@ def render_health_env(facts: NodeFacts) -> str:
         "HEALTH_URL": facts.health_url,
         # keepalived's checks (mt-healthwatch, `mt-health serve`): HAProxy's monitor when it fronts
         # the app; empty: they check HEALTH_URL, the app itself.
-        "SERVE_URL": facts.haproxy.monitor_url if facts.haproxy else "",
+        "SERVE_URL": facts.haproxy.monitor_url if facts.haproxy and not facts.is_worker else "",
         "HEALTH_TIMEOUT_S": "1",
         "WATCH_INTERVAL_S": p.watch_interval_s,
         "WATCH_TIMEOUT_S": "0.5",
@@ -464,7 +471,8 @@ def render_nftables(facts: NodeFacts) -> str:
     ports = ", ".join(str(p) for p in sorted(set(facts.http_ports)))
     admin_sets = ""
     admin_rules = ""
-    exporters = [NODE_EXPORTER_PORT] if facts.haproxy is None else [facts.haproxy.metrics_port, NODE_EXPORTER_PORT]
+    exporters = ([NODE_EXPORTER_PORT] if facts.haproxy is None or facts.is_worker
+                 else [facts.haproxy.metrics_port, NODE_EXPORTER_PORT])
     admin_ports = _nft_ports([22, *exporters])
     if v4:
         admin_sets += _nft_set("admin_v4", "ipv4_addr", v4)
@@ -476,7 +484,27 @@ def render_nftables(facts: NodeFacts) -> str:
     peer_rules = ("        # The exporters also for the peer over the VPC (it can scrape or check this node).\n"
                   f"        tcp dport {_nft_ports(exporters)} {peer} accept\n")
     peer_forward = ""
-    if facts.haproxy is not None:
+    vrrp = ("        # VRRP only from the peer, only on the VPC interface; checked before conntrack so that no\n"
+            "        # other speaker, however its packets are classified, reaches keepalived.\n"
+            f'        meta l4proto vrrp iifname "{facts.private_interface}" ip saddr {facts.peer_private_ip} accept\n'
+            "        meta l4proto vrrp counter drop\n")
+    public_in = f"        # The app, from anywhere.\n        tcp dport {{ {ports} }} accept\n"
+    public_forward = ("        # The app's published ports (Docker's DNAT to a container): HTTP(S) and appPort from anywhere.\n"
+                      f"        ct status dnat meta l4proto tcp ct original proto-dst {{ {ports} }} accept\n")
+    if facts.is_worker:
+        # An app worker: no VRRP, no public port. Its app only for the pair's HAProxy over the VPC.
+        h = facts.haproxy or HaproxyFacts()
+        pair = f'iifname "{facts.private_interface}" ip saddr {{ {", ".join(facts.pair_private_ips)} }}'
+        vrrp = ("        # No keepalived here: VRRP falls to the policy like everything else.\n"
+                "        meta l4proto vrrp counter drop\n")
+        peer_rules = ("        # The app's backend port only for the two pair nodes' HAProxy, over the VPC: a worker\n"
+                      "        # serves nobody directly, and never the internet.\n"
+                      f"        tcp dport {h.backend_port} {pair} accept\n")
+        public_in = public_forward = ""
+        peer_forward = ("        # Docker's DNAT of the backend port on the VPC address: the pair's HAProxy only.\n"
+                        f"        ct state new ct status dnat meta l4proto tcp ct original proto-dst {h.backend_port} "
+                        f"{pair} accept\n")
+    elif facts.haproxy is not None:
         h = facts.haproxy
         peer_rules = ("        # The exporters also for the peer; the app's backend port only for the peer's HAProxy\n"
                       "        # over the VPC (its fallback to this node's app): everyone else reaches the app only\n"
@@ -498,11 +526,7 @@ table inet minitwit_ha {{
     chain input {{
         type filter hook input priority filter; policy drop;
         iif "lo" accept
-        # VRRP only from the peer, only on the VPC interface; checked before conntrack so that no
-        # other speaker, however its packets are classified, reaches keepalived.
-        meta l4proto vrrp iifname "{facts.private_interface}" ip saddr {facts.peer_private_ip} accept
-        meta l4proto vrrp counter drop
-        ct state established,related accept
+{vrrp}        ct state established,related accept
         ct state invalid drop
         # ICMP errors keep TCP working (path MTU); echo is rate-limited.
         ip protocol icmp icmp type {{ destination-unreachable, time-exceeded, parameter-problem }} accept
@@ -511,9 +535,7 @@ table inet minitwit_ha {{
             parameter-problem, nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert }} accept
         # SSH only from the admin CIDRs (and so only they can provision or roll out); the metrics
         # exporters (node-exporter, HAProxy's) too: they tell an attacker the pair's state.
-{admin_rules}{peer_rules}        # The app, from anywhere.
-        tcp dport {{ {ports} }} accept
-        counter comment "dropped by policy"
+{admin_rules}{peer_rules}{public_in}        counter comment "dropped by policy"
     }}
 
     chain forward {{
@@ -527,9 +549,7 @@ table inet minitwit_ha {{
         # identity to whoever asks. (mt-failover, on the host itself, still does.)
         ip daddr {METADATA_ADDR} counter drop
         ct state established,related accept
-        # The app's published ports (Docker's DNAT to a container): HTTP(S) and appPort from anywhere.
-        ct status dnat meta l4proto tcp ct original proto-dst {{ {ports} }} accept
-{peer_forward}        # What the containers open themselves (the database over the VPC, DNS, registries):
+{public_forward}{peer_forward}        # What the containers open themselves (the database over the VPC, DNS, registries):
         # from Docker's bridges only (docker0, compose's br-*).
         iifname "docker0" accept
         iifname "br-*" accept
@@ -672,11 +692,39 @@ def render_node_files(facts: NodeFacts, compose_text: str | None = None,
     files.append(NodeFile(paths.keepalived_conf, 0o644, render_keepalived_conf(facts), STEP_KEEPALIVED))
     if facts.haproxy is not None:
         files.append(NodeFile(paths.haproxy_cfg, 0o644, render_haproxy_cfg(facts), STEP_HAPROXY))
+    return files + _app_files(facts, compose_text)
+
+
+# What a worker's app step ships besides the compose files: the health check (the app step waits on
+# `mt-health all`) and mt-deploy (a rollout's `deploy VERSION` there), which reads both env files.
+WORKER_SCRIPTS = ("mt-deploy", "mt-health", "mt_observe.py")
+
+
+def render_worker_files(facts: NodeFacts, compose_text: str | None = None,
+                        repo_root: Path = REPO_ROOT) -> list[NodeFile]:
+    """An app worker's files (facts.pair_private_ips set): the pair's renderers, without keepalived,
+    HAProxy, units or token; everything but the firewall arrives with the app step."""
+    if not facts.is_worker:
+        raise ValueError(f"{facts.name}: a worker needs pair_private_ips (the two pair nodes' private IPs)")
+    paths = facts.paths
+    files = [NodeFile(paths.script(name), 0o755, (repo_root / "scripts" / name).read_text(), STEP_APP)
+             for name in WORKER_SCRIPTS]
+    files += [
+        NodeFile(paths.failover_env, 0o644, render_failover_env(facts), STEP_APP),
+        NodeFile(paths.health_env, 0o644, render_health_env(facts), STEP_APP),
+        NodeFile(paths.nftables_conf, 0o644, render_nftables(facts), STEP_FIREWALL),
+    ]
+    return files + _app_files(facts, compose_text)
+
+
+def _app_files(facts: NodeFacts, compose_text: str | None) -> list[NodeFile]:
+    """The app step's files: the compose file and the compose variables the stack owns."""
+    files = []
     if compose_text is not None:
-        files.append(NodeFile(paths.compose_file, 0o644, compose_text, STEP_APP))
+        files.append(NodeFile(facts.paths.compose_file, 0o644, compose_text, STEP_APP))
     stack_env = render_stack_env(facts)
     if stack_env is not None:
-        files.append(NodeFile(paths.stack_env, 0o644, stack_env, STEP_APP))
+        files.append(NodeFile(facts.paths.stack_env, 0o644, stack_env, STEP_APP))
     return files
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,9 @@ class DoMocks(pulumi.runtime.Mocks):
         for i, role in enumerate(("primary", "standby"), start=1):
             if name.endswith(role):
                 return i
+        worker = re.search(r"-worker-([0-9]+)$", name)
+        if worker:  # app workers: 3, 4, ... (distinct, so their addresses never collide)
+            return 2 + int(worker.group(1))
         return 3 + int(hashlib.sha256(name.encode()).hexdigest(), 16) % 50
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):

@@ -26,6 +26,8 @@ def build(settings: Settings, project_dir: Path = PROJECT_DIR) -> dict[str, Any]
         "app_url": pair.app_url,
         "vpc_id": pair.vpc.id,
         "nodes": pair.nodes,
+        # The app workers (appWorkers), in the order both nodes' HAProxy lists them: [] without any.
+        "workers": pair.workers,
         "database_host": pair.database.host,
         # Plain text in known_hosts format: both droplets' pinned host keys (CI's ssh reads it).
         "known_hosts": pair.known_hosts,

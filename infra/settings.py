@@ -37,6 +37,9 @@ KNOWN_REGIONS = (
 )
 # Images whose packaged keepalived is 2.2.x (Debian 12: 2.2.7, Ubuntu 22.04: 2.2.4, 24.04: 2.2.8).
 SUPPORTED_IMAGES = ("debian-12-x64", "ubuntu-22-04-x64", "ubuntu-24-04-x64")
+# appWorkers: each worker is one more droplet (DigitalOcean caps droplets per account) and one more
+# server in both nodes' HAProxy; past ten, a managed Load Balancer is the better front (README).
+MAX_APP_WORKERS = 10
 
 # Ranges a VPC must not overlap. DigitalOcean reserves some for its own networks; Docker takes
 # 172.17-31.x and 192.168.x for its bridges on the droplets, where a clash breaks routing.
@@ -198,6 +201,7 @@ class Settings:
     app_backend_port: int = 5000       # HAProxy's backends: the local and the peer's app
     serve: str = "active-standby"
     app_check_path: str = ""           # empty: TCP checks
+    app_workers: int = 0               # app-only droplets behind both nodes' HAProxy (appWorkers)
     # The image tag a new or replaced node starts with (MINITWIT_VERSION); empty: "latest". The
     # rollout owns the version of a running node; this only seeds a node whose .env has none.
     app_version: str = ""
@@ -713,6 +717,7 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
     if serve not in SERVE_MODES:
         r.fail("serve", f"'{serve}' is not a serving mode; use active-standby (the local app, the peer's only "
                         "when it is down) or both (each node's HAProxy balances over both apps)")
+    app_workers = r.integer("appWorkers", 0, MAX_APP_WORKERS)
     check_path = r.string("appCheckPath")
     if check_path and not _CHECK_PATH_RE.match(check_path):
         r.fail("appCheckPath", f"'{check_path}' is not an absolute URL path; use e.g. /healthz (a path that "
@@ -762,7 +767,7 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
         ssh_key_fingerprints=tuple(fp.lower() for fp in fingerprints), ssh_private_key=private_key,
         admin_cidrs=admin_cidrs, reserved_ip=reserved_ip, compose=compose, health_url=health_url,
         app_port=app_port, app_backend_port=backend_port, serve=serve, app_check_path=check_path,
-        registry=registry, failover_token=token, protect=protect,
+        app_workers=app_workers, registry=registry, failover_token=token, protect=protect,
         failover_profile=profile, vrrp_router_id=router_id, database=database, app_image=app_image,
         reserved_ip_takeover=takeover,
         alert_webhook_url=webhook or None,

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="build the lab and wait until one node is MASTER and serving")
     up.add_argument("--profile", default="fast", help="timing profile: fast (default) or tutorial")
     add_api_options(up)
+    up.add_argument("--workers", type=int, default=0, help="app workers behind both nodes' HAProxy (appWorkers)")
     sub.add_parser("status", help="JSON: each node's VRRP state and app version, the reserved IP's holder")
     for name in ("fault", "heal"):
         p = sub.add_parser(name, help=f"{name} a fault: {', '.join(FAULT_KINDS)}")
@@ -60,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "up":
             lab.up(profile=args.profile, **api_kwargs(args))
+            if args.workers:
+                try:
+                    lab.add_workers(args.workers)
+                except BaseException:
+                    lab.down()
+                    raise
             print(json.dumps(lab.status(), indent=2))
         elif args.cmd == "status":
             if not lab.is_up:

@@ -28,10 +28,10 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from infra.haproxy import SERVE_MODES, HaproxyFacts
+from infra.haproxy import SERVE_MODES, HaproxyFacts, worker_server
 from infra.node import NodeFacts, NodePaths, render_node_files
 from infra.profiles import PROFILES
 from tests.support.pg import PgServer, missing_requirements
@@ -49,6 +49,8 @@ PUBLIC = {"primary": "192.0.2.11", "standby": "192.0.2.12"}
 PRIVATE = {"primary": "198.51.100.11", "standby": "198.51.100.12"}
 DB_ADDR, DB_PORT = "198.51.100.20", 5432
 ROGUE_ADDR = "198.51.100.66"
+# App workers (up --workers N): worker-1 at 198.51.100.31, worker-2 at .32, ...
+WORKER_NET, WORKER_FIRST, WORKER_MAX, WORKER_ID = "198.51.100.", 31, 10, 410000031
 DROPLET_ID = {"primary": 410000001, "standby": 410000002}
 PRIORITY = {"primary": 150, "standby": 100}
 ROUTER_ID = 51
@@ -369,7 +371,8 @@ class Lab:
             reserved_ip=RESERVED_IP, priority=PRIORITY[node], router_id=ROUTER_ID, private_interface="eth1",
             admin_cidrs=(ADMIN_CIDR,), http_ports=(80, 443), health_url=HEALTH_URL, profile=PROFILES[profile],
             # HAProxy as on a droplet, run as root (the lab has no haproxy user per node).
-            haproxy=HaproxyFacts(public_port=80, backend_port=BACKEND_PORT, serve=self.serve, user=""),
+            haproxy=HaproxyFacts(public_port=80, backend_port=BACKEND_PORT, serve=self.serve, user="",
+                                 workers=tuple(self.state.get("workers", []))),
             api_url=f"http://{API_ADDR}:{API_PORT}", metadata_url=f"http://{API_ADDR}:{API_PORT}/metadata/v1",
             script_user=SCRIPT_USER, docker_cmd=str(LAB_ROOT / "bin" / "docker"), paths=paths,
             log_file=str(node_root(node) / "var" / "log" / "mt-failover.log"), allow_insecure_http=True,
@@ -741,7 +744,7 @@ class Lab:
         """The only files a secret may be in: its own 0600 destinations."""
         homes = {Path(self.state["token_file"]), Path(self.state["db"]["url_file"]),
                  *map(Path, self.state.get("node_token_files", {}).values())}
-        for node in NODES:
+        for node in (*NODES, *self.worker_names()):  # a worker has no token file, only its app.env
             homes |= {Path(node_paths(node).token_file), Path(node_paths(node).app_env),
                       Path(node_paths(node).alert_webhook_file)}
         return homes | {self.observe_dir / "webhook-path"}
@@ -994,6 +997,71 @@ class Lab:
         from tests.lab import observe
 
         return observe.read_alerts(self.alerts_file, since, until)
+
+    # -- app workers (appWorkers, issue #14): app-only hosts on the VPC behind both nodes' HAProxy --
+    def worker_names(self) -> list[str]:
+        return [worker_server(i) for i in range(len(self.state.get("workers", [])))]
+
+    def add_workers(self, count: int) -> list[str]:
+        """What `appWorkers: count` and `pulumi up` do: `count` worker hosts on br-vpc (198.51.100.31+),
+        each with its worker nftables and the stand-in app on the shared database, then both nodes'
+        haproxy.cfg re-rendered with them and reloaded hitlessly."""
+        from infra.node import render_worker_files
+
+        if not 0 < count <= WORKER_MAX:
+            raise LabError(f"--workers must be 1..{WORKER_MAX}, got {count}")
+        if self.state.get("workers"):
+            raise LabError("the lab already has workers; remove_workers() first")
+        ips = [f"{WORKER_NET}{WORKER_FIRST + i}" for i in range(count)]
+        self.state["workers"] = ips  # HAProxy picks them up only with set_serve below
+        for i, ip in enumerate(ips):
+            name = worker_server(i)
+            sh("ip", "netns", "add", ns(name))
+            self.state["namespaces"].append(ns(name))
+            self._save()
+            in_ns(name, "ip", "link", "set", "lo", "up")
+            self._link(name, "eth1", f"w{i + 1}-vpc", "br-vpc", [f"{ip}/24"])
+            root = node_root(name)
+            facts = replace(self.node_facts("primary", self.state["profile"]), name=name, droplet_id=WORKER_ID + i,
+                            private_ip=ip, pair_private_ips=tuple(PRIVATE[n] for n in NODES), paths=node_paths(name))
+            for f in render_worker_files(facts):
+                _write(Path(f.path), f.content, f.mode)
+            in_ns(name, "nft", "-f", facts.paths.nftables_conf)
+            _write(Path(facts.paths.app_env), f"DATABASE_URL={self.db_url()}\n", 0o600)
+            (root / "var" / "log").mkdir(parents=True, exist_ok=True)
+            self.start_worker_app(name)
+        self.set_serve(self.serve)  # both nodes' HAProxy re-rendered with the workers, reloaded
+        return self.worker_names()
+
+    def start_worker_app(self, name: str) -> Proc:
+        paths = node_paths(name)
+        proc = self.spawn(f"{name}-app", name, [
+            sys.executable, "-m", "tests.lab.app", "--listen", f"0.0.0.0:{BACKEND_PORT}", "--node", name,
+            "--version", "v1", "--env-file", paths.app_env])
+        wait_for(lambda: self.worker_http(name) == 200, 15, f"{name}'s app to answer")
+        return proc
+
+    def worker_http(self, name: str) -> int | None:
+        """The worker's app, asked from the primary (the worker's nftables admit only the pair)."""
+        ip = self.state.get("workers", [])[self.worker_names().index(name)]
+        out = in_ns("primary", "curl", "--silent", "--output", "/dev/null", "--write-out", "%{http_code}",
+                    "--max-time", "1", f"http://{ip}:{BACKEND_PORT}/latest", check=False)
+        return int(out.stdout) if out.stdout.strip().isdigit() and out.stdout.strip() != "000" else None
+
+    def remove_workers(self) -> None:
+        """`appWorkers: 0`: both nodes' HAProxy first (no request goes to a worker any more), then the
+        workers' apps and hosts."""
+        names = self.worker_names()
+        self.state["workers"] = []
+        self._save()
+        self.set_serve(self.serve)
+        for name in names:
+            self.stop(f"{name}-app")
+            if sh("ip", "netns", "del", ns(name), check=False).returncode == 0:
+                self.state["namespaces"].remove(ns(name))
+            shutil.rmtree(node_root(name), ignore_errors=True)  # a destroyed droplet's disk goes with it
+        self._save()
+
 
 def _pg_ctl() -> Path:
     from tests.support.pg import pg_bindir

@@ -120,7 +120,9 @@ def test_no_resource_can_move_the_reserved_ip(stack_run):
 
 def test_outputs_have_the_contract_names_and_shapes(stack_run):
     out = {k: v.value for k, v in stack_run.outputs.items()}
-    assert set(out) == {"reserved_ip", "app_url", "vpc_id", "nodes", "database_host", "database_uri", "known_hosts"}
+    assert set(out) == {"reserved_ip", "app_url", "vpc_id", "nodes", "workers", "database_host", "database_uri",
+                        "known_hosts"}
+    assert out["workers"] == []  # appWorkers defaults to 0: the pair alone
     assert stack_run.outputs["database_uri"].secret
     assert out["app_url"] == "http://203.0.113.10/"
     assert set(out["nodes"]) == set(NODES)

@@ -39,8 +39,13 @@ FILES = {
 def rendered() -> dict[str, dict[str, str]]:
     run = run_stack(base_config())
     both = run_stack(base_config(serve="both", appCheckPath="/healthz"))
+    workers = run_stack(base_config(appWorkers=2))
     out: dict[str, dict[str, str]] = {
         "both": {"haproxy.cfg": archive_files(both, "minitwit-test-primary-haproxy")["/etc/haproxy/haproxy.cfg.new"][1]},
+        # appWorkers: 2: the primary's HAProxy over both apps and two workers, and a worker's own ruleset.
+        "workers": {"haproxy.cfg": archive_files(workers, "minitwit-test-primary-haproxy")[
+            "/etc/haproxy/haproxy.cfg.new"][1]},
+        "worker": {"nftables.conf": archive_files(workers, "minitwit-test-worker-1-firewall")["/etc/nftables.conf"][1]},
     }
     for role in ("primary", "standby"):
         out[role] = {}
@@ -50,7 +55,7 @@ def rendered() -> dict[str, dict[str, str]]:
 
 
 @pytest.mark.parametrize(("role", "name"), [(r, n) for r in ("primary", "standby") for n in sorted(FILES)]
-                         + [("both", "haproxy.cfg")])
+                         + [("both", "haproxy.cfg"), ("workers", "haproxy.cfg"), ("worker", "nftables.conf")])
 def test_matches_golden_file(rendered, role, name):
     path = GOLDEN / role / name
     text = rendered[role][name]
@@ -124,7 +129,7 @@ def test_tutorial_profile_also_passes(tmp_path):
     assert rc in KEEPALIVED_T_OK and out == "", out
 
 
-@pytest.mark.parametrize("role", ["primary", "standby"])
+@pytest.mark.parametrize("role", ["primary", "standby", "worker"])
 def test_rendered_ruleset_passes_nft_check(rendered, role, tmp_path):
     need(not_root() or missing_binaries("nft"))
     path = tmp_path / "nftables.conf"
@@ -152,7 +157,7 @@ def test_ipv6_admin_cidrs_get_their_own_set():
     assert 'tcp dport 9100 iifname "eth1" ip saddr 10.0.0.3 accept' in rules and "5000" not in rules
 
 
-@pytest.mark.parametrize("role", ["primary", "standby", "both"])
+@pytest.mark.parametrize("role", ["primary", "standby", "both", "workers"])
 def test_rendered_haproxy_cfg_passes_haproxy_c(rendered, role, tmp_path):
     need(missing_binaries("haproxy"))
     try:
