@@ -54,9 +54,10 @@ def test_report_shape_and_realistic_api(report):
 
 
 def test_an_app_crash_costs_no_request_and_no_ip_move(report):
-    """HAProxy answers from the peer's app over the VPC: the 0.3 s client sees nothing."""
+    """HAProxy answers from the peer's app over the VPC: the 0.3 s client sees nothing, except a
+    write the app held at the instant it was killed (it may be stored: never resent)."""
     s = scenario(report, "app-crash")
-    assert s["failed"] == 0 and s["ip_moves"] == 0 and s["requests"] > 100, s
+    assert s["failed_outside_fault"] == 0 and s["failed"] <= 3 and s["ip_moves"] == 0 and s["requests"] > 100, s
     assert s["passed"], s
 
 

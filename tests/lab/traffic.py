@@ -367,6 +367,19 @@ def first_success_by(records: Iterable[Record], node: str, after: float) -> floa
     return min(times) if times else None
 
 
+def failed_except_writes_in_flight(records: Iterable[Record], kills: Iterable[tuple[float, float]]) -> list[Record]:
+    """Failed requests, less the writes an app held when it was killed: each kill is (when the
+    kill was issued, when it had happened). Such a write may already be stored, so a proxy must not
+    resend it (a duplicate) and it fails; every other request (a refused connection, a GET) a
+    proxy can resend, so its failure counts."""
+    kills = list(kills)
+
+    def held(r: Record) -> bool:
+        return r.get("method") == "POST" and any(r["t"] <= done and r["t"] + r["dt"] >= start
+                                                 for start, done in kills)
+    return [r for r in failed(records) if not held(r)]
+
+
 def served_by_counts(records: Iterable[Record], ok_only: bool = False) -> dict[str, int]:
     """How many answers each node gave (any status; only successes with ok_only)."""
     return dict(Counter(r["served_by"] for r in records

@@ -339,3 +339,17 @@ def test_load_skips_only_a_torn_last_line(tmp_path):
     path.write_text('{"seq": 3, "t"\n' + json.dumps(RECORDS[1]) + "\n")
     with pytest.raises(ValueError):
         traffic.load(path)
+
+
+def test_only_a_write_held_at_the_kill_is_excused():
+    from tests.lab.traffic import failed_except_writes_in_flight
+
+    kill = (10.0, 10.01)
+    recs = [
+        {"seq": 1, "t": 9.99, "dt": 0.05, "method": "POST", "status": 502, "error": None},  # at the app: excused
+        {"seq": 2, "t": 9.99, "dt": 0.05, "method": "GET", "status": 502, "error": None},   # a GET: resendable
+        {"seq": 3, "t": 10.2, "dt": 0.01, "method": "POST", "status": 503, "error": None},  # sent after: counts
+        {"seq": 4, "t": 9.0, "dt": 0.01, "method": "POST", "status": 500, "error": None},   # done before: counts
+        {"seq": 5, "t": 9.99, "dt": 0.02, "method": "POST", "status": 204, "error": None},  # fine
+    ]
+    assert [r["seq"] for r in failed_except_writes_in_flight(recs, [kill])] == [2, 3, 4]
