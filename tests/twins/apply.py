@@ -35,7 +35,7 @@ from infra.offline import DoMocks, run_offline, unwrap
 from infra.program import run
 from infra.settings import DictSource
 from tests.lab.lab import REPO
-from tests.twins.twins import NODES, PRIVATE, PUBLIC, Twins
+from tests.twins.twins import NODES, PRIVATE, PUBLIC, Twins, ns
 
 REMOTE = "command:remote:Command"
 LOCAL = "command:local:Command"
@@ -205,7 +205,7 @@ class Engine:
     def _run(self, step: Step) -> Result:
         start = time.monotonic()
         if step.kind == "local":
-            argv = ["ip", "netns", "exec", "mttw-client", "sh", "-c", step.inputs["create"]]
+            argv = ["ip", "netns", "exec", ns("client"), "sh", "-c", step.inputs["create"]]
             rc, out = self._exec(argv, None, step.timeout_s, cwd=step.inputs.get("dir") or str(REPO))
             return Result(step.name, step.node, rc, time.monotonic() - start, out)
         conn = step.inputs["connection"]
