@@ -8,6 +8,7 @@ the nodes are droplet twins (booted Debian 12, provisioned by the stack: tests/t
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             from tests.lab.drill import main_demo, main_drill
 
             if args.cmd == "drill" and getattr(args, "twins", False):
+                from tests.lab.drill import load_extra_scenarios
+
+                load_extra_scenarios()
+                importlib.import_module("tests.twins.scenarios")  # after the lab's: twins play a real reboot
                 lab.up(profile=args.profile, wait=False, **api_kwargs(args))
                 try:
                     return main_drill(profile=args.profile, runs=args.runs, report=args.report,

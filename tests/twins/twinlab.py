@@ -85,6 +85,8 @@ class TwinLab:
                                  "api": {"preset": api, "action_s": action_s, "latency_s": latency_s},
                                  "boot_s": boot}
             tw._save()
+            # Fresh twins: a stack state left by an earlier run would skip their provisioning.
+            (tw.home / "engine-state.json").unlink(missing_ok=True)
             steps = Engine(tw, tw.home / "engine-state.json", log=lambda *_: None).apply(collected.steps)
             tw.state["drill"].update(up=True, provisioned_s=round(time.monotonic() - t0, 1), steps=len(steps))
             tw._save()
