@@ -433,6 +433,8 @@ def run_drill(profile: str = "fast", runs: int = 3, only: list[str] | None = Non
               "profile": profile, "serve": lab.serve, "api": timing["preset"], "api_action_s": timing["action_s"],
               "api_latency_s": timing["latency_s"],
               "client_timeout_s": CLIENT_TIMEOUT_S, "rate_rps": RATE, "runs": runs, "scenarios": []}
+    if lab.twins:
+        report["stand_ins"] = lab.stand_ins()
     timelines = timelines if timelines is not None else []
     try:
         for name in chosen:

@@ -106,7 +106,10 @@ def api_urls(api_url: str, metadata_url: str):
     """Render the nodes' failover.env with the fake DigitalOcean API's URLs (a named stand-in):
     the stack keeps NodeFacts' defaults, the real API and the link-local metadata address."""
     original = infra.ha_pair.NodeFacts
-    infra.ha_pair.NodeFacts = functools.partial(NodeFacts, api_url=api_url, metadata_url=metadata_url)
+    # The fake API speaks http: mt-failover refuses to send a token over it unless told
+    # ALLOW_INSECURE_HTTP=1 (rendered into failover.env), which the lab and the twins set.
+    infra.ha_pair.NodeFacts = functools.partial(NodeFacts, api_url=api_url, metadata_url=metadata_url,
+                                                allow_insecure_http=True)
     try:
         yield
     finally:

@@ -308,6 +308,19 @@ class TwinLab:
             return state in ("running", "degraded")
         return wait_for(up, timeout, f"twin {node} to boot", step=0.5)
 
+    def stand_ins(self) -> list[dict[str, str]]:
+        """`make twins`' list, with the drill's app and database in place of the stub and `none`."""
+        from tests.twins.__main__ import stand_ins
+
+        mine = {
+            "the MiniTwit container": "the lab's app (tests/lab/app.py, the MiniTwit simulator API) run by the docker "
+            "stand-in as a transient unit with Restart=always, on Debian's python3 with this machine's repository "
+            "and Python packages (psycopg's wheel) bound read-only into the twin",
+            "the database": "database=external: PostgreSQL (this machine's) in the twins' db namespace on the VPC, "
+            "no TLS (databaseSslMode=require, libpq falls back to plain)",
+        }
+        return [{**s, "instead": mine.get(s["what"], s["instead"])} for s in stand_ins(self.tw)]
+
     # -- evidence and the secrets audit ----------------------------------------------------------------
     def save_evidence(self, dest: Path) -> Path:
         """The twins' logs, the drill's traffic, and each twin's journal and node state."""
