@@ -121,14 +121,6 @@ class TwinLab:
     def db_admin_uri(self) -> str:
         return self.tw.db_socket_uri()
 
-    @property
-    def serve(self) -> str:
-        return self.state.get("serve", "active-standby")
-
-    @property
-    def api_timing(self) -> dict:
-        return self.state.get("api", {"preset": "ideal", "action_s": 0.0, "latency_s": 0.0})
-
     # -- a node's files, seen in the running twin ------------------------------------------------------
     def paths(self, node: str) -> NodePaths | None:
         pid = self.tw.leader(node)
@@ -149,9 +141,6 @@ class TwinLab:
             return json.loads(text).get("state") if text else None
         except ValueError:
             return None
-
-    def masters(self) -> list[str]:
-        return [n for n in NODES if self.vrrp_state(n) == "MASTER"]
 
     def transition_log(self, since: float = 0.0, until: float | None = None) -> list[dict]:
         out = []
@@ -231,7 +220,11 @@ class TwinLab:
         served = headers.get("x-served-by") in (NODES if self.serve == "both" else (masters[0],))
         return masters[0] if status == 200 and served else None
 
-    # The namespace lab's waits, over this class's steady() and vrrp_state().
+    # The namespace lab's own code, over this class's state (the "drill" part of the twins' state),
+    # steady() and vrrp_state().
+    serve = Lab.serve
+    api_timing = Lab.api_timing
+    masters = Lab.masters
     wait_steady = Lab.wait_steady
     wait_pair_ready = Lab.wait_pair_ready
 
