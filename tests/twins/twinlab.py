@@ -242,10 +242,11 @@ class TwinLab:
 
     def fault(self, node: str, kind: str, count: int = 3, statuses: tuple = (500, 429, 422)) -> None:
         if kind == "app":
-            # The container dies; its unit's Restart=always then plays Docker's restart policy.
-            self._systemctl(node, "kill", "--signal=SIGKILL", APP_UNIT)
+            # The container dies; its unit's Restart=always then plays Docker's restart policy. The
+            # main process only: killing a unit's whole cgroup fails inside nspawn (EIO).
+            self._systemctl(node, "kill", "--kill-whom=main", "--signal=SIGKILL", APP_UNIT)
         elif kind == "haproxy":
-            self._systemctl(node, "kill", "--signal=SIGKILL", "haproxy.service")
+            self._systemctl(node, "kill", "--kill-whom=main", "--signal=SIGKILL", "haproxy.service")
         elif kind == "keepalived":
             self._systemctl(node, "stop", "keepalived.service")
         elif kind == "link":
