@@ -60,8 +60,8 @@ plan: setup  ## offline plan of STACK (default prod) under mocks: plan/$(STACK).
 demo: setup-lab setup  ## the pair failing over in the lab on this machine (root; no cloud account): drill-report.html
 	$(PY) -m tests.lab demo --api $(API)
 
-drill: setup-lab setup  ## failover drill (PROFILE=fast|tutorial, RUNS=3, API=realistic|ideal): drill-report.json/.html
-	$(PY) -m tests.lab drill --profile $(PROFILE) --runs $(RUNS) --api $(API) --report drill-report.json
+drill: setup-lab setup  ## failover drill (PROFILE=fast|tutorial, RUNS=3, API=realistic|ideal, TWINS=1 on droplet twins): drill-report.json/.html
+	$(PY) -m tests.lab drill --profile $(PROFILE) --runs $(RUNS) --api $(API) --report drill-report.json $(if $(TWINS),--twins)
 
 twins: setup-lab setup  ## the stack's commands on booted Debian 12 twins, applied 3 times: twin-report.json (root)
 	$(PY) -m tests.twins run --report twin-report.json

@@ -1,12 +1,14 @@
-"""python -m tests.lab up|status|fault NODE KIND|heal NODE KIND|drill|demo|down
+"""python -m tests.lab up|status|fault NODE KIND|heal NODE KIND|drill|demo|down [--twins]
 
 The lab: the stack's two nodes, the database, the internet and a fake DigitalOcean API in
-network namespaces on this machine (root). See tests/lab/lab.py for the topology.
+network namespaces on this machine (root). See tests/lab/lab.py for the topology. With --twins
+the nodes are droplet twins (booted Debian 12, provisioned by the stack: tests/twins/twinlab.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -55,9 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--profile", default="fast")
     add_api_options(demo)
     sub.add_parser("down", help="tear the lab down (also after an interrupted run)")
+    for name, p in sub.choices.items():
+        if name != "demo":
+            p.add_argument("--twins", action="store_true",
+                           help="the nodes are droplet twins: booted Debian 12 provisioned by the stack (root)")
     args = ap.parse_args(argv)
 
-    lab = Lab()
+    if getattr(args, "twins", False):
+        from tests.twins.twinlab import TwinLab
+
+        lab = TwinLab()
+    else:
+        lab = Lab()
     try:
         if args.cmd == "up":
             lab.up(profile=args.profile, **api_kwargs(args))
@@ -83,6 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd in ("drill", "demo"):
             from tests.lab.drill import main_demo, main_drill
 
+            if args.cmd == "drill" and getattr(args, "twins", False):
+                from tests.lab.drill import load_extra_scenarios
+
+                load_extra_scenarios()
+                importlib.import_module("tests.twins.scenarios")  # after the lab's: twins play a real reboot
+                lab.up(profile=args.profile, wait=False, **api_kwargs(args))
+                try:
+                    return main_drill(profile=args.profile, runs=args.runs, report=args.report,
+                                      only=args.scenarios.split(",") if args.scenarios else None,
+                                      steady_s=args.steady_s, lab=lab, **api_kwargs(args))
+                finally:
+                    lab.down()
             if args.cmd == "drill":
                 return main_drill(profile=args.profile, runs=args.runs, report=args.report,
                                   only=args.scenarios.split(",") if args.scenarios else None,

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.lab import traffic
-from tests.lab.lab import LAB_ROOT, NODES, RESERVED_IP, Lab, LabError, wait_for
+from tests.lab.lab import NODES, Lab, LabError, wait_for
 
 SCENARIOS = ("app-crash", "keepalived-stop", "node-down", "split-brain", "api-flaky", "restart-both",
              "vpc-partition", "node-freeze", "db-outage", "haproxy-crash")
@@ -149,7 +149,7 @@ class Traffic:
 
     def start(self) -> Traffic:
         self.lab.spawn(self.key, "client", [
-            sys.executable, "-m", "tests.lab.traffic", "--url", f"http://{RESERVED_IP}", "--rate", str(self.rate),
+            sys.executable, "-m", "tests.lab.traffic", "--url", f"http://{self.lab.reserved_ip}", "--rate", str(self.rate),
             "--duration", "0", "--out", str(self.out), "--timeout", str(CLIENT_TIMEOUT_S), "--run-id", self.out.stem,
         ])
         deadline = time.monotonic() + 15
@@ -157,7 +157,7 @@ class Traffic:
             if sum(1 for r in self.records() if traffic.ok(r) and r.get("op") != "register") >= 10:
                 return self
             time.sleep(0.1)
-        raise LabError(f"traffic did not get going through {RESERVED_IP} (see {self.out})")
+        raise LabError(f"traffic did not get going through {self.lab.reserved_ip} (see {self.out})")
 
     def records(self) -> list[dict]:
         return traffic.load(self.out) if self.out.exists() else []
@@ -197,15 +197,13 @@ def rows_lost(lab: Lab, records: list[dict]) -> int:
     acked = traffic.acked_writes(records)
     if not acked:
         return 0
-    socket_uri = f"postgresql://postgres@/minitwit?host={LAB_ROOT / 'db'}&port=5432"
-    lost, _missing = traffic.rows_lost(acked, socket_uri)
+    lost, _missing = traffic.rows_lost(acked, lab.db_admin_uri())
     return lost
 
 
 def duplicate_rows(lab: Lab) -> int:
     """Messages stored more than once: a write that a proxy resent after the app had done it."""
-    socket_uri = f"postgresql://postgres@/minitwit?host={LAB_ROOT / 'db'}&port=5432"
-    return traffic.duplicate_rows(socket_uri)
+    return traffic.duplicate_rows(lab.db_admin_uri())
 
 
 class Marks:
@@ -467,11 +465,14 @@ def run_drill(profile: str = "fast", runs: int = 3, only: list[str] | None = Non
     if own:
         lab.up(profile=profile, api=api, api_action_s=api_action_s, api_latency_s=api_latency_s, serve=serve)
     timing = lab.api_timing
-    workdir = LAB_ROOT / "drill"
-    workdir.mkdir(mode=0o755, exist_ok=True)
-    report = {"keepalived": keepalived_version(), "profile": profile, "serve": lab.serve, "api": timing["preset"],
-              "api_action_s": timing["action_s"], "api_latency_s": timing["latency_s"],
+    workdir = lab.drill_dir
+    workdir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    report = {"keepalived": lab.keepalived_version() if lab.twins else keepalived_version(), "twins": lab.twins,
+              "profile": profile, "serve": lab.serve, "api": timing["preset"], "api_action_s": timing["action_s"],
+              "api_latency_s": timing["latency_s"],
               "client_timeout_s": CLIENT_TIMEOUT_S, "rate_rps": RATE, "runs": runs, "scenarios": []}
+    if lab.twins:
+        report["stand_ins"] = lab.stand_ins()
     timelines = timelines if timelines is not None else []
     try:
         for name in chosen:
@@ -583,10 +584,11 @@ def write_outputs(result: dict, timelines: list[dict], report: str) -> None:
 
 def main_drill(profile: str, runs: int, report: str, only: list[str] | None, steady_s: float,
                api: str = "realistic", api_action_s: float | None = None,
-               api_latency_s: float | None = None, serve: str = "active-standby") -> int:
+               api_latency_s: float | None = None, serve: str = "active-standby", lab: Lab | None = None) -> int:
+    """The drill's command; `lab`, when given, is one already up (the twins) that the caller tears down."""
     print(f"drill: profile {profile}, API {api}, {runs} run(s) per scenario ...", file=sys.stderr)
     timelines: list[dict] = []
-    result = run_drill(profile=profile, runs=runs, only=only, steady_s=steady_s, api=api, serve=serve,
+    result = run_drill(profile=profile, runs=runs, only=only, steady_s=steady_s, api=api, serve=serve, lab=lab,
                        api_action_s=api_action_s, api_latency_s=api_latency_s, timelines=timelines,
                        evidence=Path(report).with_name(Path(report).stem + "-evidence"))
     print(table(result))

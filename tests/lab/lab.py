@@ -1063,6 +1063,23 @@ class Lab:
         self._save()
 
 
+    # -- what the drill reads from any lab (the twins' adapter, tests/twins/twinlab.py, too) ------
+    twins = False
+
+    @property
+    def reserved_ip(self) -> str:
+        return RESERVED_IP
+
+    @property
+    def drill_dir(self) -> Path:
+        """Where the drill keeps its traffic records."""
+        return LAB_ROOT / "drill"
+
+    def db_admin_uri(self) -> str:
+        """The shared database as its superuser over the private socket (rows_lost, duplicates)."""
+        return f"postgresql://postgres@/minitwit?host={LAB_ROOT / 'db'}&port={DB_PORT}"
+
+
 def _pg_ctl() -> Path:
     from tests.support.pg import pg_bindir
 

@@ -57,7 +57,8 @@ def stand_ins(twins: Twins) -> list[dict[str, str]]:
          "published port (no database)"},
         {"what": "DigitalOcean's API and droplet metadata", "instead": f"the fake API (tests/lab/fakedo.py) at "
          f"{api}; failover.env is rendered with DO_API_URL={api} and METADATA_URL={api}/metadata/v1 "
-         "(the stack renders https://api.digitalocean.com and http://169.254.169.254/metadata/v1)"},
+         "and ALLOW_INSECURE_HTTP=1 (the stack renders https://api.digitalocean.com and "
+         "http://169.254.169.254/metadata/v1, and mt-failover sends its token over https only)"},
         {"what": "addresses", "instead": f"private {', '.join(PRIVATE.values())} and reserved IP {RESERVED_IP} "
          "from the documentation ranges (outside vpcIpRange), droplet IDs from the mocks"},
         {"what": "the database", "instead": "database=none (no managed PostgreSQL)"},

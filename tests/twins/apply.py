@@ -35,7 +35,7 @@ from infra.offline import DoMocks, run_offline, unwrap
 from infra.program import run
 from infra.settings import DictSource
 from tests.lab.lab import REPO
-from tests.twins.twins import NODES, PRIVATE, PUBLIC, Twins
+from tests.twins.twins import NODES, PRIVATE, PUBLIC, Twins, ns
 
 REMOTE = "command:remote:Command"
 LOCAL = "command:local:Command"
@@ -106,7 +106,10 @@ def api_urls(api_url: str, metadata_url: str):
     """Render the nodes' failover.env with the fake DigitalOcean API's URLs (a named stand-in):
     the stack keeps NodeFacts' defaults, the real API and the link-local metadata address."""
     original = infra.ha_pair.NodeFacts
-    infra.ha_pair.NodeFacts = functools.partial(NodeFacts, api_url=api_url, metadata_url=metadata_url)
+    # The fake API speaks http: mt-failover refuses to send a token over it unless told
+    # ALLOW_INSECURE_HTTP=1 (rendered into failover.env), which the lab and the twins set.
+    infra.ha_pair.NodeFacts = functools.partial(NodeFacts, api_url=api_url, metadata_url=metadata_url,
+                                                allow_insecure_http=True)
     try:
         yield
     finally:
@@ -205,7 +208,7 @@ class Engine:
     def _run(self, step: Step) -> Result:
         start = time.monotonic()
         if step.kind == "local":
-            argv = ["ip", "netns", "exec", "mttw-client", "sh", "-c", step.inputs["create"]]
+            argv = ["ip", "netns", "exec", ns("client"), "sh", "-c", step.inputs["create"]]
             rc, out = self._exec(argv, None, step.timeout_s, cwd=step.inputs.get("dir") or str(REPO))
             return Result(step.name, step.node, rc, time.monotonic() - start, out)
         conn = step.inputs["connection"]

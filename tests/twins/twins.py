@@ -33,12 +33,14 @@ import sys
 import time
 from pathlib import Path
 
-from tests.lab.lab import REPO, LabError, _starttime, _write, link_veth, sh, wait_for
+from tests.lab.lab import REPO, LabError, _pg_ctl, _starttime, _write, link_veth, sh, wait_for
+from tests.support.pg import PgServer
 from tests.twins import dockerrepo
 from tests.twins.image import Image, ensure_image
 
 TWIN_ROOT = Path(os.environ.get("TWIN_ROOT", "/var/tmp/minitwit-ha-twins"))
-PREFIX = "mttw"
+# TWIN_PREFIX names the namespaces and machines, so two runs (other TWIN_ROOTs) can share a host.
+PREFIX = os.environ.get("TWIN_PREFIX", "mttw")
 NODES = ("primary", "standby")
 EDGE_ADDR = "192.0.2.130"
 OPERATOR_ADDR = "192.0.2.131"
@@ -47,6 +49,8 @@ API_ADDR, API_PORT = "192.0.2.132", 8080
 PUBLIC = {"primary": "192.0.2.141", "standby": "192.0.2.142"}
 PRIVATE = {"primary": "198.51.100.141", "standby": "198.51.100.142"}
 RESERVED_IP = "203.0.113.140"
+# The shared database (the drill's): in its own namespace on the VPC, as a managed cluster would be.
+DB_ADDR, DB_PORT = "198.51.100.150", 5432
 EDGE_TABLE = "mttw_edge"
 BINARIES = ("ip", "nft", "systemd-nspawn", "nsenter", "mount", "ssh", "ssh-keygen", "openssl", "gpg", "dpkg-deb",
             "debootstrap")
@@ -153,8 +157,14 @@ class Twins:
         self._save()
 
     # -- up ---------------------------------------------------------------------------------
-    def up(self, user_data: dict[str, str], droplet_ids: dict[str, int], log=print) -> dict[str, float]:
-        """Build what is missing, boot both twins; returns each twin's boot time in seconds."""
+    def up(self, user_data: dict[str, str], droplet_ids: dict[str, int], log=print,
+           api_timing: tuple[float, float] = (0.0, 0.0), db_password: str | None = None,
+           lab_app: bool = False) -> dict[str, float]:
+        """Build what is missing, boot both twins; returns each twin's boot time in seconds.
+
+        `api_timing` is the fake API's (action seconds, per-request seconds); `db_password` adds the
+        shared PostgreSQL with a `minitwit` database (db_uri() is the URI the stack is given);
+        `lab_app` makes the docker stand-in run the lab's app (tests/lab/app.py) instead of its stub."""
         why = missing()
         if why:
             raise LabError(why)
@@ -162,18 +172,21 @@ class Twins:
             raise LabError(f"twins are already up (or were interrupted): run `python -m tests.twins down` first "
                            f"(state: {self.state_file})")
         self.home.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self.state = {"namespaces": [], "mounts": [], "processes": {}, "created": time.time()}
+        self.state = {"namespaces": [], "mounts": [], "processes": {}, "created": time.time(),
+                      "droplet_ids": droplet_ids}
         self._save()
         try:
             image = ensure_image(log=log)
             self.state["image"] = {"rootfs": str(image.rootfs), "built_s": image.built_s}
             self._save()
-            self._network()
+            self._network(db_password is not None)
             self._edge()
-            self._api(droplet_ids)
+            self._api(droplet_ids, api_timing)
+            if db_password is not None:
+                self._database(db_password)
             boot = {}
             for node in NODES:
-                self._boot(node, image, user_data[node], droplet_ids[node])
+                self._boot(node, image, user_data[node], droplet_ids[node], lab_app)
             for node in NODES:
                 boot[node] = self._wait_booted(node)
                 log(f"twins: {node} booted in {boot[node]:.1f}s ({self.state['booted'][node]['state']})")
@@ -182,9 +195,9 @@ class Twins:
             self.down()
             raise
 
-    def _network(self) -> None:
+    def _network(self, database: bool = False) -> None:
         existing = sh("ip", "netns", "list").stdout.split()
-        for role in ("sw", "client", *NODES):
+        for role in ("sw", "client", *NODES, *(("db",) if database else ())):
             if ns(role) in existing:
                 raise LabError(f"network namespace {ns(role)} already exists: `python -m tests.twins down` first")
             sh("ip", "netns", "add", ns(role))
@@ -198,6 +211,8 @@ class Twins:
         for node in NODES:
             self._link(node, "eth0", f"{node[0]}-inet", "br-inet", [f"{PUBLIC[node]}/24"])
             self._link(node, "eth1", f"{node[0]}-vpc", "br-vpc", [f"{PRIVATE[node]}/24"])
+        if database:
+            self._link("db", "eth1", "d-vpc", "br-vpc", [f"{DB_ADDR}/24"])
         # DigitalOcean's edge: new connections to the reserved IP go to its holder (the fake API's
         # assign hook fills the map). Unassigned, its packets go nowhere, as at DigitalOcean.
         in_ns("client", "nft", "-f", "-", input=f"""table ip {EDGE_TABLE} {{
@@ -229,7 +244,7 @@ class Twins:
         self._spawn("edge", [sys.executable, "-m", "tests.twins.edge", "--config", str(edge / "config.json")])
         wait_for(lambda: (edge / "ready").exists(), 10, "the twins' edge to listen")
 
-    def _api(self, droplet_ids: dict[str, int]) -> None:
+    def _api(self, droplet_ids: dict[str, int], timing: tuple[float, float] = (0.0, 0.0)) -> None:
         api = self.home / "api"
         api.mkdir(mode=0o700, exist_ok=True)
         self.ensure_token()
@@ -246,11 +261,43 @@ class Twins:
             "on_unassign": ["ip", "netns", "exec", ns("client"), "nft", f"flush map ip {EDGE_TABLE} rip"],
             "log_path": str(self.home / "logs" / "api-requests.jsonl"),
             "ready_file": str(api / "ready"),
+            "action_delay_s": timing[0],
+            "latency_s": timing[1],
         }
         _write(api / "config.json", json.dumps(config, indent=2), 0o600)
         self._spawn("api", ["ip", "netns", "exec", ns("client"), sys.executable, "-m", "tests.lab.fakedo",
                             "--config", str(api / "config.json")])
         wait_for(lambda: (api / "ready").exists(), 10, "the fake DigitalOcean API to listen")
+
+    def _database(self, password: str) -> None:
+        root = self.home / "db"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(mode=0o700)
+        pg = PgServer(port=DB_PORT, listen=DB_ADDR, netns=ns("db"), password=password, root=root)
+        self.state["db"] = {"root": str(root), "port": DB_PORT}
+        self._save()
+        pg.start()
+        pg.create_database("minitwit")
+
+    @staticmethod
+    def db_uri(password: str) -> str:
+        """The app's DATABASE_URL (the stack's databaseUri): the superuser, as the lab's app uses."""
+        return PgServer(port=DB_PORT, listen=DB_ADDR, password=password).uri("minitwit")
+
+    def db_socket_uri(self) -> str:
+        """The database over its private socket on this machine (the drill's rows_lost check)."""
+        return f"postgresql://postgres@/minitwit?host={self.home / 'db'}&port={DB_PORT}"
+
+    def _lab_app(self, node: str, merged: Path) -> list[str]:
+        """The docker stand-in runs the lab's app (tests/lab/app.py) with this machine's Python
+        packages (psycopg's binary wheel bundles libpq): the repository and the packages are bound
+        read-only into the twin at their own paths, as a container image carries its own runtime."""
+        import psycopg
+
+        site = Path(psycopg.__file__).resolve().parents[1]
+        _write(merged / "etc" / "docker-twin" / "lab-app.env",
+               f"NODE_NAME={node}\nLAB_REPO={REPO}\nLAB_SITE={site}\n", 0o644)
+        return [f"--bind-ro={d}" for d in (REPO, site) if d == REPO or REPO not in d.parents]
 
     def ensure_key(self) -> str:
         """The stack's SSH key pair for the twins (generated once per TWIN_ROOT); the public key."""
@@ -266,7 +313,7 @@ class Twins:
             _write(self.token_file, "dop_v1_" + os.urandom(32).hex() + "\n", 0o600)
         return self.token_file.read_text().strip()
 
-    def _boot(self, node: str, image: Image, user_data: str, droplet_id: int) -> None:
+    def _boot(self, node: str, image: Image, user_data: str, droplet_id: int, lab_app: bool = False) -> None:
         base = self.home / node
         upper, work, merged = base / "upper", base / "work", base / "merged"
         for d in (upper, work, merged):
@@ -294,9 +341,15 @@ class Twins:
         _write(merged / "usr" / "local" / "share" / "ca-certificates" / "minitwit-twins-lab.crt", ca, 0o644)
         bundle = merged / "etc" / "ssl" / "certs" / "ca-certificates.crt"
         _write(bundle, bundle.read_text() + ca, 0o644)
+        binds = []
+        if lab_app:
+            binds = self._lab_app(node, merged)
         in_ns(node, "ip", "route", "add", "default", "via", EDGE_ADDR, "dev", "eth0", check=False)
+        # tests.twins.boot runs nspawn again when the twin reboots (nspawn exits 133), as a
+        # droplet comes back after `systemctl reboot`.
         self._spawn(f"{node}-nspawn", [
-            "systemd-nspawn", "--quiet", "--boot", f"--directory={merged}", f"--machine={ns(node)}",
+            sys.executable, "-m", "tests.twins.boot", "--",
+            "systemd-nspawn", *binds, "--quiet", "--boot", f"--directory={merged}", f"--machine={ns(node)}",
             f"--network-namespace-path=/run/netns/{ns(node)}", "--register=no", "--keep-unit",
             f"--capability={CAPABILITIES}", "--resolv-conf=off", "--timezone=off", "--link-journal=no",
             "--console=pipe",
@@ -379,6 +432,10 @@ class Twins:
             self._stop(f"{node}-nspawn", timeout=30)
         for key in list(self.state.get("processes", {})):
             self._stop(key)
+        db = self.state.get("db")
+        if db and (Path(db["root"]) / "data" / "postmaster.pid").exists():
+            sh("runuser", "-u", "postgres", "--", str(_pg_ctl()), "-D", str(Path(db["root"]) / "data"),
+               "-m", "fast", "-w", "-t", "20", "stop", check=False)
         for mount in reversed(self.state.get("mounts", [])):
             if sh("umount", mount, check=False).returncode != 0 and os.path.ismount(mount):
                 problems.append(f"could not unmount {mount}")
@@ -387,6 +444,7 @@ class Twins:
         if not problems:
             for node in NODES:
                 shutil.rmtree(self.home / node, ignore_errors=True)
+            shutil.rmtree(self.home / "db", ignore_errors=True)
             self.state_file.unlink(missing_ok=True)
             self.state = {}
         return problems
