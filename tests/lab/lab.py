@@ -587,6 +587,9 @@ class Lab:
     def masters(self) -> list[str]:
         return [n for n in NODES if self.vrrp_state(n) == "MASTER"]
 
+    # Prometheus and the webhook sink watch this lab (RUN_OBSERVERS in the drill); the twins: no.
+    observed = True
+
     @property
     def serve(self) -> str:
         return self.state.get("serve", "active-standby")

@@ -38,6 +38,7 @@ class TwinLab:
     """A drill's handle on the twins. Every method re-reads the twins' state file."""
 
     twins = True
+    observed = False  # no Prometheus or webhook sink here: the drill judges the rest
 
     def __init__(self, root: Path = TWIN_ROOT) -> None:
         self.tw = Twins(root)
