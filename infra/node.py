@@ -650,10 +650,15 @@ ReadWritePaths={paths.state_dir} {paths.lib_dir}
 [Install]
 WantedBy=multi-user.target
 """
-    keepalived_dropin = """# minitwit-ha: start keepalived after the firewall and the watcher it reads.
+    keepalived_dropin = f"""# minitwit-ha: start keepalived after the firewall and the watcher it reads.
 [Unit]
 After=nftables.service minitwit-ha-healthwatch.service
 Wants=minitwit-ha-healthwatch.service
+
+[Service]
+# The holder weight as the API's metadata says it now, before keepalived reads it: a node stopped
+# while the IP moved away must not start with the old holder's priority and preempt the new holder.
+ExecStartPre=-{paths.script('mt-failover')} holder
 """
     tmpfiles = f"""# minitwit-ha runtime and state directories (root-owned: keepalived's script security).
 d {paths.state_dir} 0755 root root -

@@ -534,6 +534,9 @@ class Lab:
 
     def start_keepalived(self, node: str) -> Proc:
         paths = node_paths(node)
+        # What the stack's keepalived drop-in runs first (ExecStartPre): the holder weight, fresh.
+        in_ns(node, "env", f"MT_FAILOVER_ENV={paths.failover_env}", paths.script("mt-failover"), "holder",
+              check=False)
         run = node_root(node) / "run"
         return self.spawn(f"{node}-keepalived", node, [
             "keepalived", "--dont-fork", "--log-console", "--log-detail", "--no-syslog", "--vrrp",

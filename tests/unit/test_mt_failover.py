@@ -812,3 +812,19 @@ def test_a_notify_that_started_late_never_overwrites_a_later_transition(node: No
     (node.state_dir / "vrrp-state").write_text(json.dumps({**doc, "order": ["another-boot", 2**62, 1]}))
     assert node.notify("FAULT").returncode == 0 and node.vrrp_state()["state"] == "FAULT"
     assert node.notify("BACKUP").returncode == 0 and node.vrrp_state()["state"] == "BACKUP"
+
+
+def test_holder_writes_the_weight_the_metadata_service_gives_before_keepalived_starts(node: Node, fake: FakeDO,
+                                                                                      tmp_path: Path):
+    """keepalived's ExecStartPre: a node stopped while the IP moved away must start with weight 0,
+    or it would outrank the new holder and take the IP back (a second move)."""
+    holder = tmp_path / "holder"
+    node.write_env(HOLDER_FILE=str(holder))
+    holder.write_text("1\n")  # left from when this node held the IP
+    fake.set_holder(IP, PEER, run_hook=False)
+    assert node.run("holder").returncode == 0
+    assert holder.read_text() == "0\n"
+    fake.set_holder(IP, ME, run_hook=False)
+    assert node.run("holder").returncode == 0
+    assert holder.read_text() == "1\n"
+    assert posts(fake) == []  # it only reads the metadata service: no API call, no token
