@@ -367,6 +367,9 @@ def first_success_by(records: Iterable[Record], node: str, after: float) -> floa
     return min(times) if times else None
 
 
+DYING_S = 0.05
+
+
 def failed_except_writes_in_flight(records: Iterable[Record], kills: Iterable[tuple[float, float]]) -> list[Record]:
     """Failed requests, less the writes an app held when it was killed: each kill is (when the
     kill was issued, when it had happened). Such a write may already be stored, so a proxy must not
@@ -375,7 +378,9 @@ def failed_except_writes_in_flight(records: Iterable[Record], kills: Iterable[tu
     kills = list(kills)
 
     def held(r: Record) -> bool:
-        return r.get("method") == "POST" and any(r["t"] <= done and r["t"] + r["dt"] >= start
+        # DYING_S: a killed process's listening socket lives on for a moment (its teardown, or a
+        # kill delivered through systemd); a connection accepted then is reset after its request.
+        return r.get("method") == "POST" and any(r["t"] <= done + DYING_S and r["t"] + r["dt"] >= start
                                                  for start, done in kills)
     return [r for r in failed(records) if not held(r)]
 
