@@ -23,10 +23,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -279,11 +279,13 @@ def run_once(lab: Lab, scenario: str, workdir: Path, index: int) -> RunResult:
         elif scenario == "restart-both":
             # Both at once, as a package upgrade on both nodes would: one stopping first would be a
             # plain keepalived-stop failover of its own.
-            stoppers = [threading.Thread(target=lab.fault, args=(node, "keepalived")) for node in NODES]
-            for th in stoppers:
-                th.start()
-            for th in stoppers:
-                th.join()
+            procs = lab.procs()
+            for node in NODES:  # SIGTERM to both first, then wait for each (and forget it)
+                proc = procs.get(f"{node}-keepalived")
+                if proc is not None and proc.alive():
+                    os.kill(proc.pid, signal.SIGTERM)
+            for node in NODES:
+                lab.fault(node, "keepalived")
             t_fault = t_heal = marks("fault", "keepalived restarted on both nodes")
             for node in NODES:
                 lab.heal(node, "keepalived")

@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -155,7 +156,7 @@ class Lab:
     # -- state ------------------------------------------------------------------------------
     def _save(self) -> None:
         LAB_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
+        tmp = self.state_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(self.state, indent=2, sort_keys=True))
         tmp.replace(self.state_file)
 
