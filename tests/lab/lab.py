@@ -621,24 +621,6 @@ class Lab:
         """Revoke (or restore) a node's failover token at the fake API."""
         self.api_post("/_lab/revoke" if revoked else "/_lab/restore", {"name": node})
 
-    def assign_requests(self, since: float = 0.0, until: float | None = None) -> list[dict]:
-        """Assign POSTs the fake API received in the window (its request log): who asked, when,
-        and the answer's status. The log never holds the token."""
-        path = LAB_ROOT / "logs" / "api-requests.jsonl"
-        if not path.exists():
-            return []
-        out = []
-        for line in path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            ts = entry.get("ts", 0)
-            if (entry.get("method") == "POST" and "/actions" in str(entry.get("path", ""))
-                    and ts >= since and (until is None or ts <= until)):
-                out.append(entry)
-        return out
-
     def transition_log(self, since: float = 0.0, until: float | None = None) -> list[dict]:
         """Every VRRP transition both nodes recorded in the window, oldest first:
         [{"t": epoch, "node", "from", "to"}]."""
