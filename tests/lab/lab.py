@@ -115,6 +115,21 @@ def link_veth(switch: str, host: str, inner: str, outer: str, bridge: str, addrs
     run(host, "ip", "link", "set", inner, "up")
 
 
+def transitions_in(logs: dict[str, str], since: float = 0.0, until: float | None = None) -> list[dict]:
+    """The transitions in each node's transitions.log text within [since, until], oldest first:
+    [{"t": epoch, "node", "from", "to"}] (mt-failover writes one JSON line per transition)."""
+    out = []
+    for node, text in logs.items():
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry["epoch"] >= since and (until is None or entry["epoch"] <= until):
+                out.append({"t": entry["epoch"], "node": node, "from": entry.get("from"), "to": entry["to"]})
+    return sorted(out, key=lambda e: e["t"])
+
+
 def _starttime(pid: int) -> str | None:
     """The process's start time (to tell it from a later process with the same PID); None when it
     is gone or a zombie (exited, not yet reaped)."""
@@ -624,19 +639,8 @@ class Lab:
     def transition_log(self, since: float = 0.0, until: float | None = None) -> list[dict]:
         """Every VRRP transition both nodes recorded in the window, oldest first:
         [{"t": epoch, "node", "from", "to"}]."""
-        out = []
-        for node in NODES:
-            path = Path(node_paths(node).lib_dir) / "transitions.log"
-            if not path.exists():
-                continue
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if entry["epoch"] >= since and (until is None or entry["epoch"] <= until):
-                    out.append({"t": entry["epoch"], "node": node, "from": entry.get("from"), "to": entry["to"]})
-        return sorted(out, key=lambda e: e["t"])
+        paths = {n: Path(node_paths(n).lib_dir) / "transitions.log" for n in NODES}
+        return transitions_in({n: p.read_text() if p.exists() else "" for n, p in paths.items()}, since, until)
 
     def steady(self) -> str | None:
         """The active node when exactly one MASTER holds the reserved IP and serves through it."""

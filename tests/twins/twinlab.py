@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from infra.node import NodePaths
-from tests.lab.lab import API_PRESETS, NODES, REPO, Lab, LabError, _write, wait_for
+from tests.lab.lab import API_PRESETS, NODES, REPO, Lab, LabError, _write, transitions_in, wait_for
 from tests.twins.apply import Engine, collect
 from tests.twins.twins import RESERVED_IP, TWIN_ROOT, Twins, in_ns, ns
 
@@ -144,16 +144,7 @@ class TwinLab:
             return None
 
     def transition_log(self, since: float = 0.0, until: float | None = None) -> list[dict]:
-        out = []
-        for node in NODES:
-            for line in (self._read(node, "lib_dir", "transitions.log") or "").splitlines():
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if entry["epoch"] >= since and (until is None or entry["epoch"] <= until):
-                    out.append({"t": entry["epoch"], "node": node, "from": entry.get("from"), "to": entry["to"]})
-        return sorted(out, key=lambda e: e["t"])
+        return transitions_in({n: self._read(n, "lib_dir", "transitions.log") or "" for n in NODES}, since, until)
 
     def transitions(self) -> int:
         return len(self.transition_log())
