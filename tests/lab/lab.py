@@ -115,6 +115,39 @@ def link_veth(switch: str, host: str, inner: str, outer: str, bridge: str, addrs
     run(host, "ip", "link", "set", inner, "up")
 
 
+def moves_in(answer: subprocess.CompletedProcess, names: dict[int, str], since: float = 0.0,
+             until: float | None = None) -> list[dict]:
+    """The fake API's /_lab/moves answer as the drill counts moves: [{"t": completed (epoch),
+    "requested": accepted (epoch), "from": node|None, "to": node}], completed within [since, until]."""
+    moves = json.loads(answer.stdout) if answer.returncode == 0 and answer.stdout else []
+    if isinstance(moves, dict):
+        moves = moves.get("moves", [])
+    return [{"t": m["completed_at"], "requested": m["requested_at"], "from": names.get(m["from"]),
+             "to": names.get(m["to"])}
+            for m in moves if m["completed_at"] >= since and (until is None or m["completed_at"] <= until)]
+
+
+def scan_secrets(files, homes: set[Path], values: dict[str, str], extra: dict[str, str] | None = None) -> dict:
+    """Search `files` (regular, not symlinks) and the `extra` texts for every secret value; only its
+    homes may hold one, and those must be 0600 or stricter. The report the drill and tests read."""
+    findings, scanned, bad_modes = [], 0, []
+    for path in files:
+        if not path.is_file() or path.is_symlink():
+            continue
+        if path in homes:
+            if path.stat().st_mode & 0o077:
+                bad_modes.append(f"{path} is {oct(path.stat().st_mode & 0o777)}")
+            continue
+        data = path.read_bytes()
+        scanned += 1
+        findings += [f"{what} in {path}" for what, value in values.items() if value.encode() in data]
+    for name, text in (extra or {}).items():
+        scanned += 1
+        findings += [f"{what} in {name}" for what, value in values.items() if value in text]
+    return {"files_scanned": scanned, "secrets": sorted(values), "findings": findings,
+            "homes_not_0600": bad_modes, "clean": not findings and not bad_modes}
+
+
 def transitions_in(logs: dict[str, str], since: float = 0.0, until: float | None = None) -> list[dict]:
     """The transitions in each node's transitions.log text within [since, until], oldest first:
     [{"t": epoch, "node", "from", "to"}] (mt-failover writes one JSON line per transition)."""
@@ -622,15 +655,9 @@ class Lab:
         """Completed assigns that moved the reserved IP to another droplet, from the fake API's own
         record: [{"t": completed (epoch), "requested": accepted (epoch), "from": node|None, "to": node}],
         completed within [since, until]."""
-        names = {v: k for k, v in DROPLET_ID.items()}
         out = in_ns("client", "curl", "--fail", "--silent", "--show-error", "--max-time", "3",
                     f"http://{API_ADDR}:{API_PORT}/_lab/moves?since={since}", check=False)
-        moves = json.loads(out.stdout) if out.returncode == 0 and out.stdout else []
-        if isinstance(moves, dict):
-            moves = moves.get("moves", [])
-        return [{"t": m["completed_at"], "requested": m["requested_at"], "from": names.get(m["from"]),
-                 "to": names.get(m["to"])}
-                for m in moves if m["completed_at"] >= since and (until is None or m["completed_at"] <= until)]
+        return moves_in(out, {v: k for k, v in DROPLET_ID.items()}, since, until)
 
     def revoke_token(self, node: str, revoked: bool = True) -> None:
         """Revoke (or restore) a node's failover token at the fake API."""
@@ -747,27 +774,9 @@ class Lab:
         request log) and `extra` texts for the lab's secrets; only their 0600 homes may hold them."""
         secrets_ = self.secret_values()
         homes = self.secret_homes()
-        findings, scanned, bad_modes = [], 0, []
         skip = LAB_ROOT / "db" / "data"  # PostgreSQL's own files: a SCRAM verifier, never the password
-        for path in sorted(LAB_ROOT.rglob("*")):
-            if not path.is_file() or path.is_symlink() or skip in path.parents:
-                continue
-            if path in homes:
-                if path.stat().st_mode & 0o077:
-                    bad_modes.append(f"{path} is {oct(path.stat().st_mode & 0o777)}")
-                continue
-            data = path.read_bytes()
-            scanned += 1
-            for what, value in secrets_.items():
-                if value.encode() in data:
-                    findings.append(f"{what} in {path}")
-        for name, text in (extra or {}).items():
-            scanned += 1
-            for what, value in secrets_.items():
-                if value in text:
-                    findings.append(f"{what} in {name}")
-        return {"files_scanned": scanned, "secrets": sorted(secrets_), "findings": findings,
-                "homes_not_0600": bad_modes, "clean": not findings and not bad_modes}
+        files = (p for p in sorted(LAB_ROOT.rglob("*")) if skip not in p.parents)
+        return scan_secrets(files, homes, secrets_, extra)
 
     # -- faults -------------------------------------------------------------------------------------
     def fault(self, node: str, kind: str, count: int = 3, statuses: tuple = (500, 429, 422)) -> None:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from infra.node import NodePaths
-from tests.lab.lab import API_PRESETS, NODES, REPO, Lab, LabError, _write, transitions_in, wait_for
+from tests.lab.lab import API_PRESETS, NODES, REPO, Lab, LabError, _write, moves_in, scan_secrets, transitions_in, wait_for
 from tests.twins.apply import Engine, collect
 from tests.twins.twins import RESERVED_IP, TWIN_ROOT, Twins, in_ns, ns
 
@@ -183,14 +183,7 @@ class TwinLab:
         return self._names().get(self.api_state().get("reserved_ips", {}).get(RESERVED_IP))
 
     def moves(self, since: float = 0.0, until: float | None = None) -> list[dict]:
-        names = self._names()
-        out = self._curl(f"{self.tw.api_url}/_lab/moves?since={since}")
-        moves = json.loads(out.stdout) if out.returncode == 0 and out.stdout else []
-        if isinstance(moves, dict):
-            moves = moves.get("moves", [])
-        return [{"t": m["completed_at"], "requested": m["requested_at"], "from": names.get(m["from"]),
-                 "to": names.get(m["to"])}
-                for m in moves if m["completed_at"] >= since and (until is None or m["completed_at"] <= until)]
+        return moves_in(self._curl(f"{self.tw.api_url}/_lab/moves?since={since}"), self._names(), since, until)
 
     def http(self, url: str, timeout: float = 2.0) -> tuple[int | None, dict[str, str]]:
         out = in_ns("client", "curl", "--silent", "--max-time", str(timeout), "--dump-header", "-",
@@ -335,7 +328,6 @@ class TwinLab:
         state) and each twin's own changes (its overlay's upper layer) for the secrets; only their
         0600 homes may hold them: on this machine the token and password files, on a twin the
         stack's token file and app.env."""
-        found, scanned, bad_modes = [], 0, []
         values = self.secret_values()
         homes = {self.tw.token_file, self.tw.home / "api" / "db-password", self.tw.home / "api" / "config.json"}
         node_homes = ("etc/minitwit-ha/do-token", "srv/minitwit/app.env")
@@ -344,20 +336,7 @@ class TwinLab:
             upper = self.tw.home / node / "upper"
             homes |= {upper / h for h in node_homes}
             roots.append(upper)
-        for root in roots:
-            for path in ([root] if root.is_file() else sorted(root.rglob("*")) if root.is_dir() else []):
-                if not path.is_file() or path.is_symlink():
-                    continue
-                if path in homes:
-                    if path.stat().st_mode & 0o077:
-                        bad_modes.append(f"{path} is {oct(path.stat().st_mode & 0o777)}")
-                    continue
-                data = path.read_bytes()
-                scanned += 1
-                found += [f"{what} in {path}" for what, v in values.items() if v.encode() in data]
-        for name, text in (extra or {}).items():
-            scanned += 1
-            found += [f"{what} in {name}" for what, v in values.items() if v in text]
-        return {"files_scanned": scanned, "secrets": sorted(values), "findings": found,
-                "homes_not_0600": bad_modes, "clean": not found and not bad_modes}
+        files = (path for root in roots
+                 for path in ([root] if root.is_file() else sorted(root.rglob("*")) if root.is_dir() else []))
+        return scan_secrets(files, homes, values, extra)
 
