@@ -14,12 +14,23 @@ from infra.settings import ConfigSource, Settings, load_settings
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
+# The deploy key's private half has no use in `pulumi up` any more (it provisions with a key the
+# stack generates); kept in config it only widens who holds the deploy key.
+STALE_PRIVATE_KEY_WARNING = (
+    "sshPrivateKey is set but unused: `pulumi up` provisions as `provision` with a key the stack "
+    "generates, and rollouts read the deploy key from their own environment. Remove it so the deploy "
+    "key stops travelling with the stack's config: `pulumi config rm sshPrivateKey`"
+)
+
+
 def component_name(stack: str) -> str:
     return f"minitwit-{stack}"
 
 
 def build(settings: Settings, project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
     """Declare the resources for validated settings; return the stack outputs (names are a contract)."""
+    if settings.stale_private_key:
+        pulumi.log.warn(STALE_PRIVATE_KEY_WARNING)
     pair = HaPair(component_name(settings.stack), HaPairArgs(settings=settings, repo_root=project_dir))
     return {
         "reserved_ip": pair.reserved_ip.ip_address,

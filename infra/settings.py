@@ -75,7 +75,6 @@ APP_IMAGE_PLACEHOLDER = "ghcr.io/your-org/minitwit"
 # requirements of replication", docs: PostgreSQL "How to Add Standby Nodes").
 STANDBY_MIN_RAM_GB = 2
 _DB_SIZE_RAM_RE = re.compile(r"-([0-9]+)gb$")
-_PRIVATE_KEY_BEGIN = re.compile(r"-----BEGIN (OPENSSH|RSA|EC|DSA)? ?PRIVATE KEY-----")
 
 
 class ConfigSource(Protocol):
@@ -182,7 +181,6 @@ class Settings:
     private_interface: str
     ssh_public_key: str | None
     ssh_key_fingerprints: tuple[str, ...]
-    ssh_private_key: Secret
     admin_cidrs: tuple[str, ...]
     reserved_ip: str | None
     compose: Compose
@@ -198,6 +196,7 @@ class Settings:
     # An adopted reservedIp that another droplet holds may be taken over (see infra/adopt.py).
     reserved_ip_takeover: bool = False
     alert_webhook_url: Secret | None = None  # None: no alerts (the node gets an empty webhook file)
+    stale_private_key: bool = False  # sshPrivateKey is still set: unused, the program warns
     app_backend_port: int = 5000       # HAProxy's backends: the local and the peer's app
     serve: str = "active-standby"
     app_check_path: str = ""           # empty: TCP checks
@@ -677,18 +676,10 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
         r.fail("sshPublicKey", "neither sshPublicKey nor sshKeyFingerprints is set; set one so the `deploy` "
                                "user gets a key (`pulumi config set sshPublicKey \"$(cat ~/.ssh/id_ed25519.pub)\"`)")
 
-    private_key = r.secret("sshPrivateKey", required=True)
-    if private_key:
-        text = private_key.reveal()
-        if text.startswith(("ssh-", "ecdsa-")):
-            r.fail("sshPrivateKey", "holds a public key; it needs the private key matching sshPublicKey")
-        elif not _PRIVATE_KEY_BEGIN.search(text):
-            r.fail("sshPrivateKey", "is not a private key in OpenSSH or PEM format "
-                                    "(`pulumi config set --secret sshPrivateKey < ~/.ssh/id_ed25519`)")
-        elif "ENCRYPTED" in text or "Proc-Type: 4,ENCRYPTED" in text:
-            r.fail("sshPrivateKey", "is protected by a passphrase; use a dedicated deploy key without one")
-        # Key parsers want the final newline that `pulumi config set < file` may have kept or lost.
-        private_key = Secret(text.strip() + "\n")
+    # No longer read: `pulumi up` provisions as `provision` with a key the stack generates, and the
+    # rollout reads the deploy key from its own environment. A stack that still holds it is told
+    # to drop it (program.py warns), so the deploy key stops travelling with every `up` job.
+    stale_private_key = r.secret("sshPrivateKey", required=False) is not None
 
     admin_cidrs = _check_admin_cidrs(r, "adminCidrs", r.string_list("adminCidrs"))
 
@@ -760,11 +751,11 @@ def load_settings(source: ConfigSource, stack: str, project_dir: Path,
 
     if r.problems:
         raise SettingsError(r.problems, stack)
-    assert private_key is not None and token is not None  # noqa: S101 - guaranteed by r.problems
+    assert token is not None  # noqa: S101 - guaranteed by r.problems
     return Settings(
         stack=stack, region=region, vpc_ip_range=vpc_ip_range, droplet_size=size, droplet_image=image,
         private_interface=iface, ssh_public_key=pubkey or None,
-        ssh_key_fingerprints=tuple(fp.lower() for fp in fingerprints), ssh_private_key=private_key,
+        ssh_key_fingerprints=tuple(fp.lower() for fp in fingerprints), stale_private_key=stale_private_key,
         admin_cidrs=admin_cidrs, reserved_ip=reserved_ip, compose=compose, health_url=health_url,
         app_port=app_port, app_backend_port=backend_port, serve=serve, app_check_path=check_path,
         app_workers=app_workers, registry=registry, failover_token=token, protect=protect,

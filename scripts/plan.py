@@ -52,13 +52,12 @@ NODES = ("primary", "standby")
 
 # Placeholders of a valid shape, so validation passes and the structure is planned; never printed.
 PLACEHOLDERS = {
-    "sshPrivateKey": "-----BEGIN OPENSSH PRIVATE KEY-----\nplan-placeholder-private-key\n-----END OPENSSH PRIVATE KEY-----\n",
     "failoverToken": "dop_v1_" + "0" * 64,
     "registryPassword": "placeholder-registry-password",
     "databaseUri": "postgresql://placeholder:placeholder@database.placeholder.invalid:5432/minitwit?sslmode=verify-full",
 }
 GENERIC_PLACEHOLDER = "placeholder"
-REQUIRED_SECRETS = ("sshPrivateKey", "failoverToken")
+REQUIRED_SECRETS = ("failoverToken",)
 
 # Inputs whose text is shown as a block (one line per line of text) rather than inline.
 BLOCK_INPUTS = frozenset({"create", "update", "delete", "userData"})

@@ -35,7 +35,6 @@ def base_config(**overrides) -> dict:
         "region": "fra1",
         "vpcIpRange": "10.110.16.0/24",
         "sshPublicKey": PUBLIC_KEY,
-        "sshPrivateKey": SENTINEL_PRIVATE_KEY,
         "adminCidrs": ["198.51.100.0/24"],
         "failoverToken": SENTINEL_TOKEN,
         "composeFile": "deploy/compose.yaml",

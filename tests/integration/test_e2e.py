@@ -133,7 +133,6 @@ def e2e_stack(request):
 
     request.addfinalizer(teardown)  # before `up`: whatever `up` leaves behind is destroyed
 
-    set_secret(name, "sshPrivateKey", key.read_text())
     set_secret(name, "failoverToken", os.environ["E2E_FAILOVER_TOKEN"])
     if os.environ.get("E2E_REGISTRY_PASSWORD"):
         set_secret(name, "registryPassword", os.environ["E2E_REGISTRY_PASSWORD"])

@@ -34,7 +34,7 @@ from tests.twins.twins import (
     Twins,
 )
 
-SECRET_KEYS = frozenset({"sshPrivateKey", "failoverToken"})
+SECRET_KEYS = frozenset({"failoverToken"})
 CHANGED_FILE = "/srv/minitwit/compose.yaml"
 
 
@@ -68,7 +68,7 @@ def stand_ins(twins: Twins) -> list[dict[str, str]]:
 def config(twins: Twins, compose: Path) -> dict:
     return {
         "region": "fra1", "vpcIpRange": "10.110.16.0/24",
-        "sshPublicKey": twins.ensure_key(), "sshPrivateKey": twins.key.read_text(),
+        "sshPublicKey": twins.ensure_key(),
         "adminCidrs": [ADMIN_CIDR], "failoverToken": twins.ensure_token(),
         "composeFile": str(compose), "database": "none", "_reserved_ip": RESERVED_IP,
     }

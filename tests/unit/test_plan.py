@@ -224,10 +224,10 @@ def test_stack_values_replace_secure_and_missing_secrets_with_placeholders(tmp_p
     values, secrets = plan.stack_values(path)
     assert "token" not in values  # another namespace: ignored
     assert values["failoverToken"] == plan.PLACEHOLDERS["failoverToken"]
-    assert values["sshPrivateKey"] == plan.PLACEHOLDERS["sshPrivateKey"]        # required, unset
+    assert "sshPrivateKey" not in values                                         # not asked for any more
     assert values["registryPassword"] == plan.PLACEHOLDERS["registryPassword"]  # needed by registryServer
     assert "databaseUri" not in values                                           # database is not external
-    assert secrets == {"failoverToken", "sshPrivateKey", "registryPassword"}
+    assert secrets == {"failoverToken", "registryPassword"}
     assert values["adminCidrs"] == ["198.51.100.0/24"] and values["dropletSize"] == "s-1vcpu-2gb"
 
 

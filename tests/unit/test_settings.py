@@ -64,10 +64,6 @@ BAD_INPUTS = [
     ({"sshPublicKey": "", "sshKeyFingerprints": []}, "minitwit-ha:sshPublicKey", "neither sshPublicKey"),
     ({"sshPublicKey": "AAAA-not-a-key"}, "minitwit-ha:sshPublicKey", "not an OpenSSH public key"),
     ({"sshKeyFingerprints": ["SHA256:abc"]}, "minitwit-ha:sshKeyFingerprints[0]", "MD5 fingerprint"),
-    ({"sshPrivateKey": None}, "minitwit-ha:sshPrivateKey", "pulumi config set --secret sshPrivateKey"),
-    ({"sshPrivateKey": "ssh-ed25519 AAAA x"}, "minitwit-ha:sshPrivateKey", "holds a public key"),
-    ({"sshPrivateKey": "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n-----END RSA PRIVATE KEY-----"},
-     "minitwit-ha:sshPrivateKey", "passphrase"),
     ({"failoverToken": None}, "minitwit-ha:failoverToken", "is required and secret"),
     ({"failoverToken": "not-a-token"}, "minitwit-ha:failoverToken", "reserved_ip:update"),
     ({"healthUrl": "ftp://127.0.0.1/x"}, "minitwit-ha:healthUrl", "http(s) URL"),
@@ -243,15 +239,29 @@ def test_schema_uses_only_what_pulumi_accepts_and_every_key_is_read():
     for key in schema.values():
         assert key.description, f"{key.name} has no description"
     assert schema["sshPrivateKey"].secret and schema["failoverToken"].secret
-    # Required secrets have no default (Pulumi refuses a plaintext default on a secret key).
+    # Secrets have no default (Pulumi refuses a plaintext default on a secret key).
     assert schema["sshPrivateKey"].default is None and schema["failoverToken"].default is None
+    assert "Unused" in schema["sshPrivateKey"].description
     # Every key with a default loads when unset; a wrong type in a default would fail here.
     load(base_config())
 
 
-def test_private_key_keeps_its_final_newline():
-    key = load(base_config(sshPrivateKey=SENTINEL_PRIVATE_KEY.strip())).ssh_private_key.reveal()
-    assert key == SENTINEL_PRIVATE_KEY  # the final newline restored
+def test_the_deploy_key_is_not_asked_for_and_a_stale_one_is_flagged(monkeypatch):
+    # `pulumi up` provisions with a key the stack generates: the deploy key's private half has no
+    # business in the stack's config. A stack that still holds it loads (whatever it holds) and warns.
+    from infra import program
+
+    assert load(base_config()).stale_private_key is False
+    for stale in (SENTINEL_PRIVATE_KEY, "ssh-ed25519 AAAA left over"):
+        s = load(base_config(sshPrivateKey=stale))
+        assert s.stale_private_key is True and stale not in repr(s)
+    warned: list[str] = []
+    monkeypatch.setattr(program.pulumi.log, "warn", lambda msg, *a, **k: warned.append(msg))
+    monkeypatch.setattr(program, "HaPair", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop here")))
+    with pytest.raises(RuntimeError, match="stop here"):
+        program.build(load(base_config(sshPrivateKey=SENTINEL_PRIVATE_KEY)))
+    assert warned == [program.STALE_PRIVATE_KEY_WARNING]
+    assert "pulumi config rm sshPrivateKey" in warned[0] and SENTINEL_PRIVATE_KEY not in warned[0]
 
 
 def test_registry_keys_without_a_password_ask_for_nothing_when_the_image_is_elsewhere():
@@ -277,15 +287,15 @@ def test_a_standby_database_node_on_a_2gb_plan_is_fine():
 
 
 @pytest.mark.parametrize("stack", ["prod", "staging"])
-def test_the_stack_files_pass_with_only_the_two_required_secrets(stack):
-    # A newcomer's first `pulumi up`: the stack file as committed, plus sshPrivateKey and failoverToken.
+def test_the_stack_files_pass_with_only_the_one_required_secret(stack):
+    # A newcomer's first `pulumi up`: the stack file as committed, plus failoverToken.
     import yaml
 
     config = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text())["config"]
     values = {k.split(":", 1)[1]: v for k, v in config.items()}
-    values |= {"sshPrivateKey": SENTINEL_PRIVATE_KEY, "failoverToken": SENTINEL_TOKEN}
-    s = load(values, secret_keys=frozenset({"sshPrivateKey", "failoverToken"}), stack=stack)
-    assert s.registry is None and s.database.mode == "managed"
+    values |= {"failoverToken": SENTINEL_TOKEN}
+    s = load(values, secret_keys=frozenset({"failoverToken"}), stack=stack)
+    assert s.registry is None and s.database.mode == "managed" and not s.stale_private_key
 
 
 def test_alert_webhook_url_is_an_optional_https_secret():

@@ -26,7 +26,7 @@ EXPECTED = {"preview.yml", "plan-comment.yml", "deploy.yml", "staging.yml", "rol
 MIN_MAJOR = {"actions/checkout": 5, "actions/setup-python": 6, "actions/upload-artifact": 6,
              "actions/download-artifact": 7, "actions/github-script": 8, "pulumi/actions": 7}
 PULUMI_COMMANDS = {"preview", "up", "update", "refresh", "destroy"}
-SECRET_CONFIG_KEYS = {"sshPrivateKey", "failoverToken", "registryPassword", "databaseUri"}
+SECRET_CONFIG_KEYS = {"failoverToken", "registryPassword", "databaseUri"}
 
 
 def load(name: str) -> dict:
@@ -222,7 +222,10 @@ def test_secrets_reach_pulumi_config_on_stdin_never_on_a_command_line(tmp_path, 
             assert "--secret" in argv
             calls[argv[-1]] = stdin.read_text()
     assert set(calls) == SECRET_CONFIG_KEYS
-    assert calls["sshPrivateKey"].strip() == SENTINELS["SSH_PRIVATE_KEY"]
+    # The deploy key never reaches an up job; a stack still holding it has it removed.
+    assert "SSH_PRIVATE_KEY" not in step.get("env", {})
+    removed = [f.read_text().split("\n")[:-1] for f in sorted(log.glob("*.argv"))]
+    assert ["config", "rm", "--stack", "prod", "sshPrivateKey"] in removed
     assert calls["failoverToken"] == SENTINELS["FAILOVER_TOKEN"]
     assert SENTINELS["FAILOVER_TOKEN"] not in proc.stdout + proc.stderr
 
@@ -231,8 +234,8 @@ def test_a_missing_required_secret_stops_the_job_with_its_name(tmp_path):
     step = step_named(load("deploy.yml"), "up", "Set the stack's secrets")
     shutil.copy(ROOT / "Pulumi.prod.yaml", tmp_path / "Pulumi.prod.yaml")
     bin_dir, log = fake_pulumi(tmp_path)
-    proc = run_step(step, tmp_path, bin_dir, PULUMI_CONFIG_PASSPHRASE="", SSH_PRIVATE_KEY="", FAILOVER_TOKEN="x")
-    assert proc.returncode == 1 and "SSH_PRIVATE_KEY is not set" in proc.stdout
+    proc = run_step(step, tmp_path, bin_dir, PULUMI_CONFIG_PASSPHRASE="", FAILOVER_TOKEN="")
+    assert proc.returncode == 1 and "FAILOVER_TOKEN is not set" in proc.stdout
     assert not list(log.glob("*.stdin"))
 
 
@@ -479,8 +482,7 @@ def test_per_pr_vpc_ranges_are_valid_and_never_overlap_prod_or_staging(tmp_path)
         # Valid for the program: staging's config with this range passes the settings checks.
         values = {**yaml.safe_load((tmp_path / f"Pulumi.staging-pr-{pr}.yaml").read_text())["config"]}
         values = {k.split(":", 1)[1]: v for k, v in values.items()} | {
-            "vpcIpRange": str(net), "sshPrivateKey": base_config()["sshPrivateKey"],
-            "failoverToken": base_config()["failoverToken"]}
+            "vpcIpRange": str(net), "failoverToken": base_config()["failoverToken"]}
         load_settings(DictSource(values, frozenset(SECRET_CONFIG_KEYS & set(values))), stack=f"staging-pr-{pr}",
                       project_dir=ROOT)
         seen[pr] = net
