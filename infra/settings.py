@@ -28,7 +28,7 @@ from infra.schema import PROJECT, ConfigKey, load_schema
 
 # Secrets that are optional. Pulumi refuses a plaintext default on a `secret: true` key, so the
 # schema cannot mark them; we refuse a value that was not set with `pulumi config set --secret`.
-OPTIONAL_SECRETS = frozenset({"registryPassword", "databaseUri", "alertWebhookUrl"})
+OPTIONAL_SECRETS = frozenset({"registryPassword", "databaseUri", "alertWebhookUrl", "sshPrivateKey"})
 
 # Region slugs DigitalOcean offers droplets, reserved IPs and VPCs in (checked 2026).
 KNOWN_REGIONS = (

@@ -238,9 +238,11 @@ def test_schema_uses_only_what_pulumi_accepts_and_every_key_is_read():
                            "healthUrl", "registryUsername", "registryPassword", "failoverToken", "protect"}
     for key in schema.values():
         assert key.description, f"{key.name} has no description"
-    assert schema["sshPrivateKey"].secret and schema["failoverToken"].secret
-    # Secrets have no default (Pulumi refuses a plaintext default on a secret key).
-    assert schema["sshPrivateKey"].default is None and schema["failoverToken"].default is None
+    assert schema["failoverToken"].secret
+    # A required secret has no default (Pulumi refuses a plaintext default on a secret key); an
+    # optional one has `default: ""` and no secret flag, or Pulumi itself would demand it on every stack.
+    assert schema["failoverToken"].default is None
+    assert schema["sshPrivateKey"].default == "" and not schema["sshPrivateKey"].secret
     assert "Unused" in schema["sshPrivateKey"].description
     # Every key with a default loads when unset; a wrong type in a default would fail here.
     load(base_config())
