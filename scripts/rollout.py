@@ -679,12 +679,14 @@ class Rollout:
                                               "stopped?). Nothing was changed; once that app is healthy, put it back "
                                               f"with `sudo {NODE_SCRIPT} server {next(iter(servers))} ready` on {node}")
         answer = self.probe.get()
-        # Through the active node's HAProxy: its own app, or (serve=both, or its app just failed) the peer's.
-        if not answer.ok or (answer.served_by and answer.served_by not in self.nodes):
+        # Through the active node's HAProxy: its own app, or (serve=both, or its app just failed) the peer's,
+        # or with workers any of them (least connections over every app).
+        if not answer.ok or (answer.served_by and answer.served_by not in (*self.nodes, *self.workers)):
             seen = f"HTTP {answer.status}" if answer.status else f"no answer ({answer.error})"
             raise ToolError(EXIT_REFUSED, f"{self.probe.url} through the reserved IP: {seen}, served by "
                                           f"{answer.served_by or 'unknown'} (expected {active}'s HAProxy to answer "
-                                          "from one of the pair's apps). Nothing was changed")
+                                          f"from one of the pair's apps{' or a worker' if self.workers else ''}). "
+                                          "Nothing was changed")
         self.log(f"active node: {active} ({a.version}); standby: {standby} ({s.version}); "
                  f"{self.probe.url} answers {answer.status} from {answer.served_by or active}")
         self.report.active_before = active

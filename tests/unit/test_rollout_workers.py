@@ -30,6 +30,8 @@ class WorkerPair(Pair):
         return self.workers[server] if server in self.workers else super().app_of(n, server)
 
     def picks(self, n: Node) -> Node | None:
+        if not self.workers:
+            return super().picks(n)
         apps = [self.app_of(n, s) for s in n.servers if n.servers[s] == "UP" and self.listens(self.app_of(n, s))]
         return apps[len(self.history) % len(apps)] if apps else None
 
@@ -60,6 +62,15 @@ class WorkerPair(Pair):
         if self.on_call:
             self.on_call(node, args)
         return rollout.RunResult(0, json.dumps(out) + "\n", "")
+
+    def probe(self):
+        """A client through the reserved IP gets whichever app the holder's HAProxy picks: a worker too."""
+        with self._lock:
+            self.step(0.01)
+            app = self.picks(self.nodes[self.holder]) if self.holder else None
+            if app is None:
+                return rollout.Answer(None, None, None, "timeout")
+            return rollout.Answer(200 if self.app_ok(app) else 503, app.name, app.running)
 
     def healthy_apps(self) -> int:
         return sum(self.app_ok(n) for n in (*self.nodes.values(), *self.workers.values()))
