@@ -208,9 +208,11 @@ class HaPair(pulumi.ComponentResource):
             }
             for node, d in self.droplets.items() if node in NODES
         }
-        # In HAProxy's order: `workers[i]` is server worker-(i+1) in both nodes' backend.
+        # In HAProxy's order: `workers[i]` is server worker-(i+1) in both nodes' backend. The public
+        # address is where `rollout.py rollout` reaches the worker's sshd (admin CIDRs only).
         self.workers = [
-            {"droplet_id": self.droplets[w].id.apply(int), "private_ipv4": self.droplets[w].ipv4_address_private}
+            {"droplet_id": self.droplets[w].id.apply(int), "public_ipv4": self.droplets[w].ipv4_address,
+             "private_ipv4": self.droplets[w].ipv4_address_private}
             for w in worker_names
         ]
         # known_hosts lines for every droplet's public address, workers too (CI's ssh and the rollout tool).

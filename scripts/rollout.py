@@ -6,7 +6,10 @@
     rollout.py resize --size s-2vcpu-4gb --stack prod --identity ~/.ssh/deploy_ed25519
     rollout.py reimage --image ubuntu-24-04-x64 --stack prod --identity ~/.ssh/deploy_ed25519
 
-`rollout` updates one app at a time behind HAProxy, the standby's first: it takes that app out of
+`rollout` updates app workers first (stack output `workers`, appWorkers), --batch at a time, each out of
+rotation in both nodes' HAProxy while deployed; a worker that fails stops the rollout (rolled back,
+the pair untouched), and no batch may leave fewer than half of all app servers healthy. Then the
+pair, one app at a time behind HAProxy, the standby's first: it takes that app out of
 rotation in both nodes' HAProxy (drain, wait until no request is left on it, maint), deploys V,
 waits until the app is healthy on V, and puts it back (ready, UP). Meanwhile the other app serves
 every request through the active node's HAProxy, so keepalived never changes state and the
@@ -65,13 +68,15 @@ EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: locks released, what this run draine
 
 EPILOG = """exit codes:
   0    done (or nothing to do: the version already runs everywhere)
-  1    failed and rolled back: traffic is on a healthy node and the other node is healthy
-  2    usage or configuration error (arguments, outputs file, DIGITALOCEAN_TOKEN): nothing touched
-  3    refused: API and keepalived disagree, the standby is not healthy, a node is unreachable,
-       or another rollout holds a node's lock: nothing touched
-  4    failed and the pair is degraded: a node is left unhealthy or drained, an app is left out of
-       rotation in HAProxy, or traffic could not be confirmed on a healthy node. Act now; the last
-       lines say where traffic is
+  1    failed and rolled back: traffic is on a healthy node and the other node is healthy (a
+       worker that failed the version is back on the previous one; the pair was not touched)
+  2    usage or configuration error (arguments, --batch, outputs file, DIGITALOCEAN_TOKEN): nothing
+       touched
+  3    refused: API and keepalived disagree, the standby or a worker is not healthy, a node or
+       worker is unreachable, or another rollout holds a node's lock: nothing touched
+  4    failed and the pair is degraded: a node is left unhealthy or drained, an app (or a worker)
+       is left out of rotation in HAProxy, or traffic could not be confirmed on a healthy node. Act
+       now; the last lines say where traffic is
   130  interrupted (SIGINT/SIGTERM): locks released, drains undone and apps put back in rotation
        where they were healthy
 
@@ -83,6 +88,7 @@ NODE_SCRIPT = "/usr/libexec/minitwit-ha/mt-deploy"
 SSH_UNREACHABLE = 255
 STATUS_TIMEOUT_S = 40.0
 SMALL_CMD_TIMEOUT_S = 30.0
+WORKER_SERVER = "worker-{n}"   # infra/haproxy.py: HAProxy's name for workers[n-1] in both nodes' backend
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,11 +355,13 @@ class NodeStatus:
         return (self.vrrp_state == "BACKUP" and self.keepalived_running is not False and self.app_ok
                 and not self.maintenance and self.track in (None, "0"))
 
-    def describe(self) -> str:
+    def describe(self, app_only: bool = False) -> str:
+        """One line for the log; app_only: a worker's (no keepalived, no HAProxy, no drain flag)."""
         health = {0: "healthy", 1: "health URL failing", 2: "compose service down", 4: "config error"}
-        bits = [f"keepalived {self.vrrp_state}" + (" (not running)" if self.keepalived_running is False else ""),
-                f"version {self.version or 'unknown'}",
-                health.get(self.app_health, f"mt-health exit {self.app_health}")]
+        bits = [f"version {self.version or 'unknown'}", health.get(self.app_health, f"mt-health exit {self.app_health}")]
+        if app_only:
+            return ", ".join(bits)
+        bits.insert(0, f"keepalived {self.vrrp_state}" + (" (not running)" if self.keepalived_running is False else ""))
         if self.maintenance:
             bits.append("drained (maintenance flag)")
         if self.out_of_rotation():
@@ -375,7 +383,8 @@ class Stack:
     reserved_ip: str
     app_url: str
     droplets: dict[str, int]   # node -> droplet ID
-    hosts: dict[str, str]      # node -> public IPv4 (SSH)
+    hosts: dict[str, str]      # node (and worker) -> public IPv4 (SSH)
+    workers: dict[str, int] = field(default_factory=dict)  # worker-N -> droplet ID, in HAProxy's order
 
 
 def parse_outputs(doc: object) -> Stack:
@@ -396,7 +405,29 @@ def parse_outputs(doc: object) -> Stack:
                 and isinstance(node.get("public_ipv4"), str)):
             raise bad(f"nodes.{name} needs an integer droplet_id and a public_ipv4")
         droplets[name], hosts[name] = node["droplet_id"], node["public_ipv4"]
-    return Stack(str(doc["reserved_ip"]), str(doc["app_url"]), droplets, hosts)
+    workers = doc.get("workers") or []   # absent (a stack from before appWorkers) or []: the pair alone
+    if not isinstance(workers, list):
+        raise bad("`workers` must be a list")
+    ids = {}
+    for i, worker in enumerate(workers):
+        if not (isinstance(worker, dict) and isinstance(worker.get("droplet_id"), int)
+                and isinstance(worker.get("public_ipv4"), str)):
+            raise bad(f"workers[{i}] needs an integer droplet_id and a public_ipv4")
+        name = WORKER_SERVER.format(n=i + 1)
+        ids[name], hosts[name] = worker["droplet_id"], worker["public_ipv4"]
+    return Stack(str(doc["reserved_ip"]), str(doc["app_url"]), droplets, hosts, ids)
+
+
+def check_batch(batch: int, workers: int) -> None:
+    """--batch: how many workers are out of rotation at once. Never more than there are workers,
+    and never so many that fewer than half of all app servers (the pair's two apps + the workers)
+    would be left serving."""
+    total = 2 + workers
+    most = max(1, min(workers, total // 2))
+    if not 1 <= batch <= most:
+        why = (f"the stack has {workers} worker(s) and {total} app servers in all; more than {most} out at "
+               "once would leave fewer than half of them serving") if workers else "the stack has no workers"
+        raise ToolError(EXIT_USAGE, f"--batch {batch}: must be 1..{most} ({why}). Nothing was touched")
 
 
 def load_outputs(path: str | None, stack: str | None) -> Stack:
@@ -433,6 +464,7 @@ class Options:
     poll_interval: float = 0.5
     settle: float = 2.0        # a standby must look ready twice, this far apart, with no VRRP transition
     drain_timeout: float = 10.0  # how long HAProxy's requests on an app may take to finish before it is disabled
+    batch: int = 1             # workers updated at once (out of rotation together)
 
 
 @dataclass
@@ -491,6 +523,7 @@ class Rollout:
         self.stack, self.transport, self.api, self.probe, self.opts = stack, transport, api, probe, opts
         self.log, self.owner, self.clock, self.sleep = log, owner, clock, sleep
         self.nodes = sorted(stack.droplets)  # the fixed lock order
+        self.workers = list(stack.workers)   # worker-1, worker-2, ...: HAProxy's order
         self.locked: list[str] = []
         self.drained: list[str] = []                  # nodes with the maintenance flag set by this run
         self.out: dict[str, list[tuple[str, str]]] = {}  # app's node -> [(HAProxy's node, server)] taken out
@@ -536,8 +569,10 @@ class Rollout:
         names = {v: k for k, v in self.stack.droplets.items()}
         return names.get(droplet, f"?{droplet}")
 
-    def each(self, fn: Callable[[str], object]) -> tuple[dict[str, object], dict[str, Exception]]:
-        """fn(node) on both nodes at once (independent reads and unlocks): results and errors by node."""
+    def each(self, fn: Callable[[str], object], nodes: Sequence[str] | None = None
+             ) -> tuple[dict[str, object], dict[str, Exception]]:
+        """fn(node) on both nodes (or `nodes`) at once (independent reads, unlocks, a batch's deploys):
+        results and errors by node."""
         results: dict[str, object] = {}
         errors: dict[str, Exception] = {}
 
@@ -547,7 +582,7 @@ class Rollout:
             except Exception as e:
                 errors[node] = e
 
-        threads = [threading.Thread(target=work, args=(n,), daemon=True) for n in self.nodes]
+        threads = [threading.Thread(target=work, args=(n,), daemon=True) for n in (self.nodes if nodes is None else nodes)]
         for t in threads:
             t.start()
         for t in threads:
@@ -644,12 +679,14 @@ class Rollout:
                                               "stopped?). Nothing was changed; once that app is healthy, put it back "
                                               f"with `sudo {NODE_SCRIPT} server {next(iter(servers))} ready` on {node}")
         answer = self.probe.get()
-        # Through the active node's HAProxy: its own app, or (serve=both, or its app just failed) the peer's.
-        if not answer.ok or (answer.served_by and answer.served_by not in self.nodes):
+        # Through the active node's HAProxy: its own app, or (serve=both, or its app just failed) the peer's,
+        # or with workers any of them (least connections over every app).
+        if not answer.ok or (answer.served_by and answer.served_by not in (*self.nodes, *self.workers)):
             seen = f"HTTP {answer.status}" if answer.status else f"no answer ({answer.error})"
             raise ToolError(EXIT_REFUSED, f"{self.probe.url} through the reserved IP: {seen}, served by "
                                           f"{answer.served_by or 'unknown'} (expected {active}'s HAProxy to answer "
-                                          "from one of the pair's apps). Nothing was changed")
+                                          f"from one of the pair's apps{' or a worker' if self.workers else ''}). "
+                                          "Nothing was changed")
         self.log(f"active node: {active} ({a.version}); standby: {standby} ({s.version}); "
                  f"{self.probe.url} answers {answer.status} from {answer.served_by or active}")
         self.report.active_before = active
@@ -683,6 +720,12 @@ class Rollout:
                               "maintenance": st.maintenance, "haproxy_out": st.out_of_rotation()}
             else:
                 info[node] = {"error": str(errors.get(node))}
+        if self.workers:
+            results, errors = self.each(self.status, self.workers)
+            info["workers"] = {w: {"version": st.version, "app_ok": st.app_ok} if isinstance(st := results.get(w), NodeStatus)
+                               else {"error": str(errors.get(w))} for w in self.workers}
+            self.log("workers now: " + "; ".join(f"{w} {v.get('version', '?')}{'' if v.get('app_ok') else ' UNHEALTHY'}"
+                                                 for w, v in info["workers"].items()))
         answer = self.probe.get()
         info["client"] = {"status": answer.status, "served_by": answer.served_by, "version": answer.version}
         nodes = "; ".join(f"{n} {info[n].get('vrrp_state', '?')} {info[n].get('version', '?')}"
@@ -785,9 +828,13 @@ class Rollout:
 
     def routes_to(self, node: str) -> list[tuple[str, str]]:
         """Every HAProxy server that sends requests to `node`'s app, the active node's first (it carries
-        the traffic; serve=both or a failover in flight may route through the other one too)."""
-        other = next(n for n in self.nodes if n != node)
-        routes = [(node, "local"), (other, "peer")]
+        the traffic; serve=both or a failover in flight may route through the other one too). A worker
+        is server `node` in both nodes' HAProxy."""
+        if node in self.workers:
+            routes = [(n, node) for n in self.nodes]
+        else:
+            other = next(n for n in self.nodes if n != node)
+            routes = [(node, "local"), (other, "peer")]
         return sorted(routes, key=lambda r: r[0] != self.active)
 
     def take_out(self, node: str, routes: list[tuple[str, str]] | None = None) -> None:
@@ -849,12 +896,27 @@ class Rollout:
     # -- commands -----------------------------------------------------------------------------------
     def rollout(self, version: str) -> int:
         self.report.version = version
+        check_batch(self.opts.batch, len(self.workers))
         pair = self.survey()
         active, standby = pair.active, pair.standby
-        if all(pair.status[n].runs(version) for n in self.nodes):
-            self.log(f"nothing to do: both nodes run {version} and are healthy; traffic stays on {active}")
+        workers = self.survey_workers(pair) if self.workers else {}
+        pending = [w for w in self.workers if not workers[w].runs(version)]
+        pair_done = all(pair.status[n].runs(version) for n in self.nodes)
+        if pair_done and not pending:
+            self.log(f"nothing to do: both nodes{' and every worker' if self.workers else ''} run {version} and "
+                     f"are healthy; traffic stays on {active}")
             self.report.active_after = active
             return EXIT_OK
+        if pending:
+            # 0. The workers, --batch at a time; a version that fails on one stops here, before the pair.
+            self.log(f"plan: update {', '.join(pending)} to {version}, {self.opts.batch} at a time, each out of "
+                     f"rotation in both nodes' HAProxy while the other apps serve; then the pair's apps")
+            self.update_workers(pending, version, {w: workers[w].version for w in pending})
+            if pair_done:
+                self.log(f"done: {version} on every worker; the pair already ran it; the reserved IP stayed on {active}")
+                self.report.active_after = active
+                return EXIT_OK
+            self.confirm_still_active(pair)
         self.log(f"plan: update {standby}'s app (the standby) to {version}, then {active}'s, each out of rotation "
                  f"in HAProxy while the other app serves; the reserved IP stays on {active}")
 
@@ -867,6 +929,7 @@ class Rollout:
                 raise ToolError(EXIT_REFUSED, f"the standby ({standby}) runs {version} but did not stay ready: {e}. "
                                               "Nothing was changed") from None
         else:
+            self.ensure_half([standby], f"{standby}'s app (the standby) was not touched")
             self.update_app(standby, version, pair.status[standby].version, as_backup=True,
                             failed=f"{version} never became healthy on the standby ({standby}); ",
                             untouched=f" The active node ({active}) was not touched and still serves "
@@ -879,10 +942,12 @@ class Rollout:
 
         # 2. The active node's app, while the standby's app (now on the new version) serves.
         self.confirm_still_active(pair)
+        self.ensure_half([active], f"{active}'s app (the active node's) was not touched")
         self.update_app(active, version, pair.status[active].version, as_backup=False,
                         failed=f"{version} serves on {standby}'s app, but it did not become healthy on {active}'s; ",
                         untouched=" The pair runs mixed versions. Find out why, then run the rollout again")
-        self.log(f"done: {version} on both nodes; the reserved IP stayed on {active}")
+        self.log(f"done: {version} on both nodes{' and every worker' if self.workers else ''}; the reserved IP "
+                 f"stayed on {active}")
         self.report.active_after = active
         return EXIT_OK
 
@@ -909,6 +974,93 @@ class Rollout:
                                f"{node} could NOT be rolled back; its app stays out of rotation (the other app "
                                "serves alone, no fallback): fix it now.") + untouched) from None
         self.put_back(node)
+
+    # -- app workers (appWorkers): app-only droplets behind both nodes' HAProxy ---------------------
+    def survey_workers(self, pair: Pair) -> dict[str, NodeStatus]:
+        """Every worker answers, is healthy, and is a server in both nodes' HAProxy; else nothing is touched."""
+        results, errors = self.each(self.status, self.workers)
+        for worker, e in sorted(errors.items()):
+            if not isinstance(e, (TransportError, NodeCommandFailed)):
+                raise e
+            raise ToolError(EXIT_REFUSED, f"cannot read {worker}'s status: {e}. Nothing was changed") from None
+        status: dict[str, NodeStatus] = results  # type: ignore[assignment]
+        self.log("workers: " + "; ".join(f"{w}: {status[w].describe(app_only=True)}" for w in self.workers))
+        for worker in self.workers:
+            if not status[worker].app_ok:
+                raise ToolError(EXIT_REFUSED, f"{worker} is not healthy ({status[worker].describe(app_only=True)}): "
+                                              "a rollout could not tell a bad version from a broken worker. Nothing "
+                                              f"was changed; fix {worker} (or remove it: appWorkers) and run again")
+        for node in self.nodes:
+            view = pair.status[node].haproxy
+            missing = [w for w in self.workers if view is not None and w not in view]
+            if missing:
+                raise ToolError(EXIT_REFUSED, f"{node}'s HAProxy has no server {', '.join(missing)} although the stack "
+                                              "outputs list it: its haproxy.cfg predates the worker. Nothing was "
+                                              "changed; run `pulumi up` first")
+        return status
+
+    def ensure_half(self, taking: list[str], untouched: str) -> None:
+        """Taking `taking` out of rotation must leave at least half of all app servers (the pair's two
+        apps and every worker) healthy. Checked just before, from each one's own health check."""
+        if not self.workers:
+            return  # the pair alone: one app out of two, as always
+        apps = [*self.nodes, *self.workers]
+        results, _ = self.each(self.status, apps)
+        healthy = [a for a in apps if isinstance(results.get(a), NodeStatus) and results[a].app_ok]  # type: ignore[union-attr]
+        left = [a for a in healthy if a not in taking]
+        if 2 * len(left) < len(apps):
+            sick = [a for a in apps if a not in healthy]
+            raise ToolError(EXIT_FAILED, f"taking {', '.join(taking)} out of rotation now would leave {len(left)} of "
+                                         f"{len(apps)} app servers healthy, fewer than half ({', '.join(sick)} not "
+                                         f"healthy). Stopped before it: {untouched}. Fix "
+                                         f"{', '.join(sick)} and run the rollout again (it skips what is done)")
+
+    def update_workers(self, pending: list[str], version: str, previous: dict[str, str | None]) -> None:
+        """`pending` workers to `version`, --batch at a time: out of both HAProxies, deploys side by
+        side, each healthy, back in. A batch with a worker that fails stops the rollout there: that
+        worker rolled back while still out, the batch's healthy ones back in, the pair not touched."""
+        done: list[str] = []
+        for i in range(0, len(pending), self.opts.batch):
+            batch = pending[i:i + self.opts.batch]
+            untouched = (f"{', '.join(batch)} and the pair were not touched"
+                         + (f"; {', '.join(done)} already run {version}" if done else ""))
+            self.ensure_half(batch, untouched)
+            for worker in batch:
+                try:
+                    self.take_out(worker)
+                except (NodeCommandFailed, TransportError) as e:
+                    self.log(f"{worker}: could not take its app out of rotation: {e}")
+                    for w in batch:
+                        self.put_back_if_healthy(w)
+                    raise ToolError(EXIT_FAILED, f"{worker}'s app could not be taken out of rotation in HAProxy "
+                                                 f"({e}); nothing was deployed on {', '.join(batch)}; the pair was "
+                                                 "not touched") from None
+            _, errors = self.each(lambda w: self.update(w, version, as_backup=False), batch)
+            for e in errors.values():
+                if not isinstance(e, (Timeout, NodeCommandFailed, TransportError)):
+                    raise e
+            for worker in batch:
+                if worker not in errors:
+                    self.put_back(worker)
+            if errors:
+                stuck = []
+                for worker in (w for w in batch if w in errors):
+                    self.log(f"{worker}: {version} failed: {errors[worker]}")
+                    if self.roll_back(worker, previous[worker], as_backup=False):
+                        self.put_back(worker)
+                    else:
+                        stuck.append(worker)
+                failed = [w for w in batch if w in errors]
+                ok = [*done, *(w for w in batch if w not in errors)]
+                raise ToolError(EXIT_DEGRADED if stuck else EXIT_FAILED,
+                                f"{version} never became healthy on {', '.join(failed)}; "
+                                + (f"{', '.join(stuck)} could NOT be rolled back and stay out of rotation (the other "
+                                   "apps serve): fix them now. " if stuck else
+                                   f"{', '.join(failed)} back on the previous version and in rotation. ")
+                                + "The pair was not touched and still serves its version"
+                                + (f"; {', '.join(ok)} run {version}" if ok else "")) from None
+            done += batch
+            self.log(f"{', '.join(batch)}: on {version} and back in rotation ({len(done)} of {len(pending)} workers)")
 
     def put_back_if_healthy(self, node: str) -> bool:
         if not self.out.get(node):
@@ -1182,6 +1334,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = sub.add_parser("rollout", parents=[common], help="rolling update to --version, standby first",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", required=True, help="the image tag to deploy (MINITWIT_VERSION)")
+    p.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="app workers updated at once, out of rotation together (default 1; at most the number "
+                        "of workers, and never so many that fewer than half of all app servers serve)")
     sub.add_parser("switchover", parents=[common], help="planned move of the reserved IP to the healthy standby",
                    epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     for command, flag, what in (("resize", "--size", "droplet size slug"), ("reimage", "--image", "image slug or ID")):
@@ -1219,18 +1374,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not SLUG_RE.fullmatch(args.value):
                 raise ToolError(EXIT_USAGE, f"{args.value[:80]!r} is not a DigitalOcean slug or image ID")
         stack = load_outputs(args.outputs, args.stack)
+        if args.command == "rollout":
+            check_batch(args.batch, len(stack.workers))
         transport = SshTransport(stack.hosts, args.user, args.identity, args.known_hosts, args.strict_host_keys,
                                  args.ssh_option, args.remote_root, multiplex=not args.no_ssh_multiplex)
         probe_url = urllib.parse.urljoin(stack.app_url if stack.app_url.endswith("/") else stack.app_url + "/",
                                          args.probe_path.lstrip("/"))
         opts = Options(args.health_timeout, args.move_timeout, args.deploy_timeout, args.poll_interval, args.settle,
-                       args.drain_timeout)
+                       args.drain_timeout, batch=getattr(args, "batch", 1))
         tool = Rollout(stack, transport, Api(args.api_url, token, stack.reserved_ip), Probe(probe_url), opts, log,
                        default_owner())
         with transport:
             if args.command == "rollout":
                 log(f"rollout of {args.version} to the pair behind {stack.reserved_ip} "
-                    f"({', '.join(sorted(stack.hosts))})")
+                    f"({', '.join(sorted(stack.droplets))})"
+                    + (f" and its workers ({', '.join(stack.workers)}), {args.batch} at a time" if stack.workers else ""))
                 code = tool.execute("rollout", lambda: tool.rollout(args.version))
             elif args.command in REBUILD_KEYS:
                 def keep_known_hosts(doc: dict) -> None:

@@ -52,6 +52,8 @@ DB_ADDR, DB_PORT = "198.51.100.20", 5432
 ROGUE_ADDR = "198.51.100.66"
 # App workers (up --workers N): worker-1 at 198.51.100.31, worker-2 at .32, ...
 WORKER_NET, WORKER_FIRST, WORKER_MAX, WORKER_ID = "198.51.100.", 31, 10, 410000031
+WORKER_PUBLIC_NET = "192.0.2."   # a deployable worker's public address (sshd): 192.0.2.31, .32, ...
+LAB_COMPOSE = "services:\n  minitwit:\n    image: lab/minitwit:${MINITWIT_VERSION:-v1}\n"
 DROPLET_ID = {"primary": 410000001, "standby": 410000002}
 PRIORITY = {"primary": 150, "standby": 100}
 ROUTER_ID = 51
@@ -431,7 +433,7 @@ class Lab:
         root = node_root(node)
         paths = node_paths(node)
         facts = self.node_facts(node, profile)
-        compose = "services:\n  minitwit:\n    image: lab/minitwit:${MINITWIT_VERSION:-v1}\n"
+        compose = LAB_COMPOSE
         for d in ("", "/run", "/var/log", "/etc/minitwit-lab"):
             Path(f"{root}{d}").mkdir(mode=0o755, parents=True, exist_ok=True)
         for f in render_node_files(facts, compose_text=compose):
@@ -469,8 +471,6 @@ class Lab:
     def _ssh(self) -> None:
         """An sshd per node (the droplets' sshd hardening, from the same text cloud-init writes),
         a `deploy` user with a lab key, and sudo for the node scripts only."""
-        from infra.cloudinit import SSHD_DROPIN, render_deploy_sudoers
-
         try:
             pwd.getpwnam(DEPLOY_USER)
         except KeyError:
@@ -485,33 +485,9 @@ class Lab:
             sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "lab-operator", "-f", str(d / "id_ed25519"))
         _write(d / "authorized_keys" / DEPLOY_USER, (d / "id_ed25519.pub").read_text(), 0o644)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
-        known = []
-        for node in NODES:
-            etc = node_root(node) / "etc" / "ssh"
-            etc.mkdir(mode=0o755, parents=True, exist_ok=True)
-            key = etc / "ssh_host_ed25519_key"
-            sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{node}-host", "-f", str(key))
-            known.append(f"{PUBLIC[node]} {' '.join(Path(str(key) + '.pub').read_text().split()[:2])}")
-            _write(etc / "sshd_config", (
-                "# The lab node's sshd: the droplets' hardening (infra/cloudinit.py) plus lab paths.\n"
-                + SSHD_DROPIN +
-                f"ListenAddress {PUBLIC[node]}:22\n"
-                f"HostKey {key}\n"
-                f"PidFile {node_root(node) / 'run' / 'sshd.pid'}\n"
-                f"AuthorizedKeysFile {d / 'authorized_keys'}/%u\n"
-                "UsePAM no\nPubkeyAuthentication yes\nStrictModes yes\nPrintMotd no\n"
-            ), 0o644)
-            sh("sshd", "-t", "-f", str(etc / "sshd_config"))
-            self.spawn(f"{node}-sshd", node, ["/usr/sbin/sshd", "-D", "-e", "-f", str(etc / "sshd_config")])
+        known = [self.start_sshd(node, PUBLIC[node]) for node in NODES]
         _write(d / "known_hosts", "\n".join(known) + "\n", 0o644)
-        # The droplets' own sudoers text (one renderer), over both lab nodes' scripts.
-        rule = render_deploy_sudoers([node_paths(n) for n in NODES], user=DEPLOY_USER)
-        tmp = LAB_ROOT / "sudoers.tmp"
-        _write(tmp, rule, 0o440)
-        sh("visudo", "-c", "-q", "-f", str(tmp))
-        shutil.move(str(tmp), self.sudoers_file)
-        self.state["sudoers"] = str(self.sudoers_file)
-        self._save()
+        self.install_sudoers(NODES)
 
     @property
     def outputs_file(self) -> Path:
@@ -677,8 +653,10 @@ class Lab:
         if len(masters) != 1 or holder != masters[0] or api.get("pending"):
             return None  # an assign still in flight can move the IP yet
         status, headers = self.http(f"http://{RESERVED_IP}/latest")
-        # active-standby: the MASTER's own app answers (its HAProxy sends there first).
-        served = headers.get("x-served-by") in (NODES if self.serve == "both" else (masters[0],))
+        # active-standby: the MASTER's own app answers (its HAProxy sends there first). With workers,
+        # HAProxy balances by least connections over every app: any of them may answer.
+        apps = (*NODES, *self.worker_names()) if self.worker_names() else NODES if self.serve == "both" else (masters[0],)
+        served = headers.get("x-served-by") in apps
         return masters[0] if status == 200 and served else None
 
     def wait_steady(self, timeout: float = 20.0) -> str:
@@ -1081,6 +1059,88 @@ class Lab:
         """The shared database as its superuser over the private socket (rows_lost, duplicates)."""
         return f"postgresql://postgres@/minitwit?host={LAB_ROOT / 'db'}&port={DB_PORT}"
 
+
+    # -- rollouts to app workers (issue #14): a worker as rollout.py reaches it ---------------------
+    def start_sshd(self, node: str, address: str) -> str:
+        """`node`'s sshd on `address` (the droplets' hardening, from the text cloud-init writes, plus
+        lab paths); returns its known_hosts line."""
+        from infra.cloudinit import SSHD_DROPIN
+
+        etc = node_root(node) / "etc" / "ssh"
+        etc.mkdir(mode=0o755, parents=True, exist_ok=True)
+        key = etc / "ssh_host_ed25519_key"
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{node}-host", "-f", str(key))
+        _write(etc / "sshd_config", (
+            "# The lab node's sshd: the droplets' hardening (infra/cloudinit.py) plus lab paths.\n"
+            + SSHD_DROPIN +
+            f"ListenAddress {address}:22\n"
+            f"HostKey {key}\n"
+            f"PidFile {node_root(node) / 'run' / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {self.ssh_dir / 'authorized_keys'}/%u\n"
+            "UsePAM no\nPubkeyAuthentication yes\nStrictModes yes\nPrintMotd no\n"
+        ), 0o644)
+        sh("sshd", "-t", "-f", str(etc / "sshd_config"))
+        self.spawn(f"{node}-sshd", node, ["/usr/sbin/sshd", "-D", "-e", "-f", str(etc / "sshd_config")])
+        return f"{address} {' '.join(Path(str(key) + '.pub').read_text().split()[:2])}"
+
+    def install_sudoers(self, nodes) -> None:
+        """The droplets' own sudoers text (one renderer), over these lab nodes' scripts."""
+        from infra.cloudinit import render_deploy_sudoers
+
+        tmp = LAB_ROOT / "sudoers.tmp"
+        _write(tmp, render_deploy_sudoers([node_paths(n) for n in nodes], user=DEPLOY_USER), 0o440)
+        sh("visudo", "-c", "-q", "-f", str(tmp))
+        shutil.move(str(tmp), self.sudoers_file)
+        self.state["sudoers"] = str(self.sudoers_file)
+        self._save()
+
+    def worker_public_ip(self, name: str) -> str:
+        return f"{WORKER_PUBLIC_NET}{WORKER_FIRST + self.worker_names().index(name)}"
+
+    def deployable_workers(self) -> list[str]:
+        """What a worker droplet has for `rollout.py rollout` (cloud-init and its app step): a public
+        address with sshd (known_hosts pinned), `deploy`'s sudo rule for its mt-deploy, the app run by
+        compose (the lab's stand-in adopts the running app: no restart) at MINITWIT_VERSION=v1, and
+        the stack outputs' `workers`. Undone by plain_workers()."""
+        names = self.worker_names()
+        known = (self.ssh_dir / "known_hosts").read_text()
+        for i, name in enumerate(names):
+            root, paths = node_root(name), node_paths(name)
+            self._link(name, "eth0", f"w{i + 1}-inet", "br-inet", [f"{self.worker_public_ip(name)}/24"])
+            known += self.start_sshd(name, self.worker_public_ip(name)) + "\n"
+            _write(Path(paths.compose_file), LAB_COMPOSE, 0o644)
+            _write(root / "etc" / "minitwit-lab" / "node.env",
+                   f"NODE_NAME={name}\nLAB_PYTHON={sys.executable}\nLAB_REPO={REPO}\nAPP_LISTEN=0.0.0.0:{BACKEND_PORT}\n",
+                   0o644)
+            _write(Path(paths.app_dir) / ".env", "MINITWIT_VERSION=v1\n", 0o644)
+            for d in (paths.state_dir, paths.lib_dir):
+                Path(d).mkdir(mode=0o755, parents=True, exist_ok=True)
+            _write(root / "run" / "minitwit-app.pid", f"{self.procs()[f'{name}-app'].pid}\n", 0o644)
+        _write(self.ssh_dir / "known_hosts", known, 0o644)
+        self.install_sudoers((*NODES, *names))
+        outputs = json.loads(self.outputs_file.read_text())
+        outputs["workers"] = [{"droplet_id": WORKER_ID + i, "public_ipv4": self.worker_public_ip(n),
+                               "private_ipv4": ip} for i, (n, ip) in enumerate(zip(names, self.state["workers"], strict=True))]
+        _write(self.outputs_file, json.dumps(outputs, indent=2) + "\n", 0o644)
+        return names
+
+    def plain_workers(self) -> None:
+        """Undo deployable_workers(): the outputs, sudo rule and known_hosts of the pair alone; the
+        workers' sshd and their apps (whichever process runs them now) stopped."""
+        outputs = json.loads(self.outputs_file.read_text())
+        outputs.pop("workers", None)
+        _write(self.outputs_file, json.dumps(outputs, indent=2) + "\n", 0o644)
+        self.install_sudoers(NODES)
+        known = (self.ssh_dir / "known_hosts").read_text().splitlines()
+        _write(self.ssh_dir / "known_hosts", "".join(ln + "\n" for ln in known if ln.split()[0] in PUBLIC.values()),
+               0o644)
+        for name in self.worker_names():
+            self.stop(f"{name}-sshd")
+            pid = self.app_pid(name)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists(), 5)
 
 def _pg_ctl() -> Path:
     from tests.support.pg import pg_bindir

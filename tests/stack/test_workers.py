@@ -4,6 +4,7 @@ the database's trust, each worker's own firewall; and appWorkers 0 is exactly th
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from infra.database import db_client_tag
 from tests.conftest import base_config, run_stack
@@ -40,7 +41,7 @@ def test_worker_chains_run_the_app_steps_but_no_keepalived_haproxy_failover_or_t
 def test_both_haproxy_configs_list_every_worker_and_balance_by_least_connections(three):
     workers = three.outputs["workers"].value
     nodes = three.outputs["nodes"].value
-    assert [set(w) for w in workers] == [{"droplet_id", "private_ipv4"}] * 3
+    assert [set(w) for w in workers] == [{"droplet_id", "public_ipv4", "private_ipv4"}] * 3
     ips = [w["private_ipv4"] for w in workers]
     assert len(set(ips) | {n["private_ipv4"] for n in nodes.values()}) == 5
     for node in NODES:
@@ -95,3 +96,22 @@ def test_app_workers_out_of_range_is_refused_naming_the_key(value):
     from infra.settings import SettingsError
     with pytest.raises(SettingsError, match="appWorkers"):
         run_stack(base_config(appWorkers=value))
+
+
+def test_rollout_py_reaches_every_worker_as_deploy_and_may_run_only_mt_deploy_there(three):
+    # `rollout.py rollout` updates workers too: SSH to the output's public address, pinned by the
+    # stack's known_hosts, as `deploy`, whose one sudo rule names the worker's installed mt-deploy.
+    workers = three.outputs["workers"].value
+    known = three.outputs["known_hosts"].value.splitlines()
+    nodes = three.outputs["nodes"].value
+    assert len({w["public_ipv4"] for w in workers} | {n["public_ipv4"] for n in nodes.values()}) == 5
+    for i, w in enumerate(workers):
+        name = f"minitwit-test-worker-{i + 1}"
+        droplet = three.mocks.named(name)
+        doc = yaml.safe_load(droplet.plain("userData"))
+        assert f"{w['public_ipv4']} {doc['ssh_keys']['ed25519_public']}" in known
+        assert "deploy" in [u["name"] for u in doc["users"]]
+        sudoers = next(f["content"] for f in doc["write_files"] if f["path"] == "/etc/sudoers.d/minitwit-ha-deploy")
+        assert "deploy ALL=(root) NOPASSWD: NOSETENV: /usr/libexec/minitwit-ha/mt-deploy," in sudoers
+        shipped = archive_files(three, f"{name}-app")
+        assert shipped["/usr/libexec/minitwit-ha/mt-deploy"][0] == 0o755

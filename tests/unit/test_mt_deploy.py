@@ -337,7 +337,7 @@ class FakeHaproxy:
         self.commands.append(command)
         if command == "show stat":
             rows = [self.HEADER]
-            for name in ("local", "peer"):
+            for name in self.status:
                 if self.status[name] != "UP" and not self.sticky_sessions and self.sessions[name]:
                     self.sessions[name] -= 1
                 rows.append(f"app,{name},0,0,{self.sessions[name]},0,,9,{self.status[name]},1\n")
@@ -447,7 +447,23 @@ def test_server_reports_haproxy_refusals_and_a_missing_socket_as_exit_6(node, ha
     assert proc.returncode == 7 and "admin socket" in proc.stderr and "not found" in proc.stderr
 
 
-@pytest.mark.parametrize("args", [["server", "backup", "maint"], ["server", "local", "disable"],
+def test_worker_servers_are_reported_taken_out_and_count_as_app_servers_up(node, haproxy):
+    # appWorkers: both nodes' HAProxy list worker-1, worker-2, ...; a rollout takes each one out.
+    for name in ("worker-1", "worker-2"):
+        haproxy.status[name], haproxy.sessions[name], haproxy.alive[name] = "UP", 0, True
+    assert set(node.json("status")[1]["haproxy"]) == {"local", "peer", "worker-1", "worker-2"}
+    code, out = node.json("server", "worker-2", "maint")
+    assert code == 0 and out["state"] == "MAINT" and haproxy.status["worker-2"] == "MAINT"
+    # With both pair apps out, worker-1 still serves: local may go; then worker-1 is the last one UP.
+    haproxy.status["peer"] = "MAINT"
+    assert node.run("server", "local", "maint").returncode == 0
+    proc = node.run("server", "worker-1", "maint")
+    assert proc.returncode == 7 and "only app server UP" in proc.stderr and haproxy.status["worker-1"] == "UP"
+    assert node.json("server", "worker-2", "ready")[1]["state"] == "UP"
+
+
+@pytest.mark.parametrize("args", [["server", "backup", "maint"], ["server", "worker-0", "maint"],
+                                  ["server", "worker-x", "maint"], ["server", "local", "disable"],
                                   ["server", "local"], ["server", "local", "maint", "--wait", "soon"]])
 def test_server_usage_errors_exit_2(node, args):
     assert node.run(*args).returncode == 2
