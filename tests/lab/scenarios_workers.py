@@ -1,5 +1,7 @@
 """Drill scenario for app workers (appWorkers, issue #14): the pair's HAProxy in front of more apps.
 
+- `node-down-workers`: the core `node-down` fault (drill.run_once) with two workers added: node-down's
+  limits, each worker >= 20% of what the new holder's HAProxy serves after the IP moved, 0 failed then.
 - `workers`: two worker hosts added under traffic (what `appWorkers: 2` and `pulumi up` do: the
   hosts, then both nodes' haproxy.cfg re-rendered and reloaded hitlessly); each worker serves
   >= 20% of the requests through the reserved IP (least connections over four apps); then
@@ -16,7 +18,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.lab import traffic
+from tests.lab import drill, traffic
 from tests.lab.drill import Traffic, scenario
 from tests.lab.lab import Lab
 
@@ -86,3 +88,44 @@ def workers(lab: Lab, workdir: Path, runs: int) -> dict:
         "failed_examples": [{k: r.get(k) for k in ("t", "status", "error", "served_by")} for r in bad[:5]],
         "rate_rps": round(len(window) / span, 1) if span else 0.0,
     }
+
+
+@scenario("node-down-workers")
+def node_down_workers(lab: Lab, workdir: Path, runs: int) -> dict:
+    """`node-down` (the holder's links cut, then restored) with two workers behind the pair: it
+    fails over as without them (node-down's limits from drill.limits_for: time to recover, 1 IP
+    move, its detection time), and every worker keeps serving through the new holder's HAProxy."""
+    lab.wait_pair_ready(timeout=30)
+    names = lab.add_workers(WORKERS)
+    try:
+        time.sleep(1.5)  # both nodes' HAProxy checks see the workers UP (rise 2 x 200 ms)
+        # The core scenario's own run, in a directory of its own (its records are `node-down-0.jsonl`
+        # there), then moved where the drill collects this scenario's records for the timeline.
+        own = workdir / "node-down-workers"
+        own.mkdir(mode=0o755, exist_ok=True)
+        result = drill.run_once(lab, "node-down", own, 0)
+    finally:
+        lab.remove_workers()
+    (own / "node-down-0.jsonl").replace(workdir / "node-down-workers-0.jsonl")
+    entry = drill.summarize("node-down", [result], lab.api_timing["action_s"])
+    records = result.timeline["records"]
+    moved = [e["t"] for e in result.timeline["events"] if e["kind"] == "ip_move"]
+    # Requests sent once the IP had moved can only have gone through the new holder's HAProxy.
+    after = [r for r in records if moved and r["t"] >= moved[0]]
+    counts = traffic.served_by_counts(after, ok_only=True)
+    shares = {n: round(counts.get(n, 0) / max(1, len(after)), 3) for n in sorted(counts)}
+    failed_after = traffic.failed(after)
+    checks = {
+        "fails over as node-down (its limits)": entry["passed"],
+        f"each worker serves >= {MIN_SHARE:.0%} through the new holder": bool(after) and all(
+            shares.get(n, 0) >= MIN_SHARE for n in names),
+        "0 failed once the IP moved": bool(after) and not failed_after,
+    }
+    entry.update(
+        name="node-down-workers", checks=checks, passed=all(checks.values()), workers=names,
+        shares_after_move=shares, requests_after_move=len(after), failed_after_move=len(failed_after),
+        summary=(f"failover {entry['failover_s']} s (limit {entry.get('target_s')}), detection "
+                 f"{entry['detection_s']} s; after the move {len(after)} requests, shares {shares}, "
+                 f"failed {len(failed_after)}; failed in all {entry['failed']}"),
+    )
+    return entry
