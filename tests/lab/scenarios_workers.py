@@ -1,7 +1,8 @@
 """Drill scenario for app workers (appWorkers, issue #14): the pair's HAProxy in front of more apps.
 
-- `node-down-workers`: the core `node-down` fault (drill.run_once) with two workers added: node-down's
-  limits, each worker >= 20% of what the new holder's HAProxy serves after the IP moved, 0 failed then.
+- `node-down-workers`: the core `node-down` run (drill.run_once) with two workers added: node-down's
+  limits (drill.limits_for), each worker >= 20% of what the new holder's HAProxy serves after the IP
+  moved, and 0 failed from the move until the old holder is restored.
 - `workers`: two worker hosts added under traffic (what `appWorkers: 2` and `pulumi up` do: the
   hosts, then both nodes' haproxy.cfg re-rendered and reloaded hitlessly); each worker serves
   >= 20% of the requests through the reserved IP (least connections over four apps); then
