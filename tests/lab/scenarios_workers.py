@@ -28,6 +28,10 @@ WORKERS = 2
 MEASURE_S = 10.0   # how long each app's share is measured
 MIN_SHARE = 0.20   # each worker's share of the requests through the reserved IP, at least
 CRASH_S = 2.0      # how long the worker's app stays dead
+# node-down-workers plays drill.run_once's node-down as run number RUN_INDEX: the core node-down's runs
+# (0, 1, ...) write to the same database as user lab-node-down-<index> with contents
+# lab-node-down-<index>-<seq>, so a run of its own keeps the duplicate and lost-row checks exact.
+RUN_INDEX = 1000
 
 
 @scenario("workers")
@@ -100,14 +104,15 @@ def node_down_workers(lab: Lab, workdir: Path, runs: int) -> dict:
     names = lab.add_workers(WORKERS)
     try:
         time.sleep(1.5)  # both nodes' HAProxy checks see the workers UP (rise 2 x 200 ms)
-        # The core scenario's own run, in a directory of its own (its records are `node-down-0.jsonl`
-        # there), then moved where the drill collects this scenario's records for the timeline.
+        # The core scenario's own run, in a directory of its own (its records are
+        # `node-down-<RUN_INDEX>.jsonl` there), then moved where the drill collects this scenario's
+        # records for the timeline.
         own = workdir / "node-down-workers"
         own.mkdir(mode=0o755, exist_ok=True)
-        result = drill.run_once(lab, "node-down", own, 0)
+        result = drill.run_once(lab, "node-down", own, RUN_INDEX)
     finally:
         lab.remove_workers()
-    (own / "node-down-0.jsonl").replace(workdir / "node-down-workers-0.jsonl")
+    (own / f"node-down-{RUN_INDEX}.jsonl").replace(workdir / "node-down-workers-0.jsonl")
     entry = drill.summarize("node-down", [result], lab.api_timing["action_s"])
     records, events = result.timeline["records"], result.timeline["events"]
     moved = min((e["t"] for e in events if e["kind"] == "ip_move"), default=None)
