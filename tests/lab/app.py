@@ -18,6 +18,12 @@ What the failover and rolling-update drills rely on:
 - database trouble is a 503 for that request, never a crash; the pool heals when it returns;
 - SIGTERM: stop accepting, finish in-flight requests (bounded), close the pool, exit 0.
 
+`APP_CPU_MS` (env file or environment; default 0, off): every simulator API request (register,
+msgs, fllws; not the `/latest` and `/health` probes) first spends that many milliseconds of its
+thread's CPU time rendering a timeline page, as MiniTwit's templates do per page. The stand-in
+otherwise costs next to nothing per request, so an extra app server (a worker) would not show in
+a throughput figure (tests/lab/scenarios_throughput.py).
+
 One log line to stderr per start and stop (and per database state change); never the URI.
 """
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import html
 import json
 import logging
 import os
@@ -117,6 +124,35 @@ class Redactor:
         return text
 
 
+# A page of the public timeline (30 messages, MiniTwit's PER_PAGE) for APP_CPU_MS to render.
+_PAGE = [(f"user{i % 7}", f"message {i} <with> 'markup' & text " * 3, f"2024-05-{i % 28 + 1:02d} @ 12:{i:02d}")
+         for i in range(30)]
+_ROW = ('<li><img src="https://www.gravatar.com/avatar/{h}?d=identicon&amp;s=48"><p><strong>'
+        '<a href="/{user}">{user}</a></strong> {text} <small>&mdash; {date}</small></li>')
+
+
+def render_work(ms: float) -> None:
+    """Spend `ms` of this thread's CPU time rendering `_PAGE` (thread time, not wall time: the cost
+    is the same however busy the machine is, as a real page's would be)."""
+    end = time.thread_time() + ms / 1000.0
+    while time.thread_time() < end:
+        # MiniTwit's gravatar_url: an MD5 of the user's e-mail (an identifier, not a secret).
+        "".join(_ROW.format(h=hashlib.md5(u.encode(), usedforsecurity=False).hexdigest(), user=html.escape(u),
+                            text=html.escape(t), date=d) for u, t, d in _PAGE)
+
+
+def cpu_ms_setting(env: dict[str, str]) -> float:
+    """APP_CPU_MS from the env file / environment: a number of milliseconds, 0 (the default) for none."""
+    raw = env.get("APP_CPU_MS", "").strip() or "0"
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1000:
+        raise ValueError(f"APP_CPU_MS must be milliseconds from 0 to 1000, got {raw!r}")
+    return value
+
+
 class ApiError(Exception):
     def __init__(self, status: int, msg: str) -> None:
         super().__init__(msg)
@@ -127,8 +163,10 @@ class ApiError(Exception):
 class App:
     """Request handling against the database; the HTTP layer is `Handler`."""
 
-    def __init__(self, node: str, version: str, pool: ConnectionPool | None, redact: Redactor) -> None:
+    def __init__(self, node: str, version: str, pool: ConnectionPool | None, redact: Redactor,
+                 cpu_ms: float = 0.0) -> None:
         self.node = node
+        self.cpu_ms = cpu_ms
         self.version = version
         self.pool = pool
         self.redact = redact
@@ -369,6 +407,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Authorization") != SIM_AUTH:
             return 403, {"status": 403, "error_msg": NOT_AUTHORIZED}
         username = unquote(segments[1]) if len(segments) == 2 else None
+        if app.cpu_ms:
+            render_work(app.cpu_ms)
         if route == "register":
             return app.register(self._body(), latest)
         if route == "msgs":
@@ -554,6 +594,11 @@ def main(argv: list[str] | None = None) -> int:
     uri = env.get("DATABASE_URL", "")
     redact = Redactor(uri)
     bad = version.startswith("bad")
+    try:
+        cpu_ms = cpu_ms_setting(env)
+    except ValueError as exc:
+        log(f"node={node} {exc}")
+        return 2
     if not uri and not bad:
         log(f"node={node} DATABASE_URL is not set (env file or environment)")
         return 2
@@ -570,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     pool = None if bad else make_pool(uri, args.pool_min, args.pool_max, args.db_timeout)
-    app = App(node, version, pool, redact)
+    app = App(node, version, pool, redact, cpu_ms)
     try:
         server = Server(args.listen, app)
     except OSError as exc:
@@ -597,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                                name="serve", daemon=True)
     serving.start()
     log(f"node={node} version={version} listening on {host}:{port} pid={os.getpid()}"
+        + (f" ({cpu_ms:g} ms of CPU per API request)" if cpu_ms else "")
         + (" (bad version: answering 503 to everything)" if bad else ""))
 
     while not stop.wait(0.5):

@@ -653,10 +653,11 @@ class Lab:
         if len(masters) != 1 or holder != masters[0] or api.get("pending"):
             return None  # an assign still in flight can move the IP yet
         status, headers = self.http(f"http://{RESERVED_IP}/latest")
-        # active-standby: the MASTER's own app answers (its HAProxy sends there first). With workers,
-        # HAProxy balances by least connections over every app: any of them may answer.
-        apps = (*NODES, *self.worker_names()) if self.worker_names() else NODES if self.serve == "both" else (masters[0],)
-        served = headers.get("x-served-by") in apps
+        # active-standby: the MASTER's own app answers (its HAProxy sends there first); with serve=both
+        # or app workers, HAProxy balances over every app, so any of them may answer.
+        workers = self.worker_names()
+        served = headers.get("x-served-by") in ((*NODES, *workers) if self.serve == "both" or workers
+                                                else (masters[0],))
         return masters[0] if status == 200 and served else None
 
     def wait_steady(self, timeout: float = 20.0) -> str:

@@ -1,5 +1,8 @@
 """Drill scenario for app workers (appWorkers, issue #14): the pair's HAProxy in front of more apps.
 
+- `node-down-workers`: the core `node-down` run (drill.run_once) with two workers added: node-down's
+  limits (drill.limits_for), each worker >= 20% of what the new holder's HAProxy serves after the IP
+  moved, and 0 failed from the move until the old holder is restored.
 - `workers`: two worker hosts added under traffic (what `appWorkers: 2` and `pulumi up` do: the
   hosts, then both nodes' haproxy.cfg re-rendered and reloaded hitlessly); each worker serves
   >= 20% of the requests through the reserved IP (least connections over four apps); then
@@ -16,7 +19,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.lab import traffic
+from tests.lab import drill, traffic
 from tests.lab.drill import Traffic, scenario
 from tests.lab.lab import Lab
 
@@ -25,6 +28,10 @@ WORKERS = 2
 MEASURE_S = 10.0   # how long each app's share is measured
 MIN_SHARE = 0.20   # each worker's share of the requests through the reserved IP, at least
 CRASH_S = 2.0      # how long the worker's app stays dead
+# node-down-workers plays drill.run_once's node-down as run number RUN_INDEX: the core node-down's runs
+# (0, 1, ...) write to the same database as user lab-node-down-<index> with contents
+# lab-node-down-<index>-<seq>, so a run of its own keeps the duplicate and lost-row checks exact.
+RUN_INDEX = 1000
 
 
 @scenario("workers")
@@ -86,3 +93,51 @@ def workers(lab: Lab, workdir: Path, runs: int) -> dict:
         "failed_examples": [{k: r.get(k) for k in ("t", "status", "error", "served_by")} for r in bad[:5]],
         "rate_rps": round(len(window) / span, 1) if span else 0.0,
     }
+
+
+@scenario("node-down-workers")
+def node_down_workers(lab: Lab, workdir: Path, runs: int) -> dict:
+    """`node-down` (the holder's links cut, then restored) with two workers behind the pair: it
+    fails over as without them (node-down's limits from drill.limits_for: time to recover, 1 IP
+    move, its detection time), and every worker keeps serving through the new holder's HAProxy."""
+    lab.wait_pair_ready(timeout=30)
+    names = lab.add_workers(WORKERS)
+    try:
+        time.sleep(1.5)  # both nodes' HAProxy checks see the workers UP (rise 2 x 200 ms)
+        # The core scenario's own run, in a directory of its own (its records are
+        # `node-down-<RUN_INDEX>.jsonl` there), then moved where the drill collects this scenario's
+        # records for the timeline.
+        own = workdir / "node-down-workers"
+        own.mkdir(mode=0o755, exist_ok=True)
+        result = drill.run_once(lab, "node-down", own, RUN_INDEX)
+    finally:
+        lab.remove_workers()
+    (own / f"node-down-{RUN_INDEX}.jsonl").replace(workdir / "node-down-workers-0.jsonl")
+    entry = drill.summarize("node-down", [result], lab.api_timing["action_s"])
+    records, events = result.timeline["records"], result.timeline["events"]
+    moved = min((e["t"] for e in events if e["kind"] == "ip_move"), default=None)
+    healed = min((e["t"] for e in events if e["kind"] == "heal"), default=None)
+    # Requests sent once the IP had moved can only have gone through the new holder's HAProxy (it
+    # stays there: holder_after). Node-down's outage window ends with the move; from then until the
+    # old holder is restored, the new holder's HAProxy serves from its own app and the workers.
+    after = [r for r in records if moved is not None and r["t"] >= moved]
+    counts = traffic.served_by_counts(after, ok_only=True)
+    shares = {n: round(counts.get(n, 0) / max(1, len(after)), 3) for n in sorted(counts)}
+    failed_down = traffic.failed(after, until=healed)
+    failed_restore = traffic.failed(after, since=healed) if healed is not None else []
+    checks = {
+        "fails over as node-down (its limits)": entry["passed"],
+        f"each worker serves >= {MIN_SHARE:.0%} through the new holder": bool(after) and all(
+            shares.get(n, 0) >= MIN_SHARE for n in names),
+        "0 failed from the IP move until the node is restored": bool(after) and not failed_down,
+    }
+    entry.update(
+        name="node-down-workers", checks=checks, passed=all(checks.values()), workers=names,
+        shares_after_move=shares, requests_after_move=len(after), failed_after_move=len(failed_down),
+        # Like node-down's, not a limit: the old holder's links coming back (reported for reading).
+        failed_after_restore=len(failed_restore),
+        summary=(f"failover {entry['failover_s']} s (limit {entry.get('target_s')}), detection "
+                 f"{entry['detection_s']} s; after the move {len(after)} requests, shares {shares}, failed "
+                 f"{len(failed_down)} until the restore, {len(failed_restore)} after; failed in all {entry['failed']}"),
+    )
+    return entry

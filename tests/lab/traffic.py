@@ -1,4 +1,4 @@
-"""The lab's traffic generator: open-loop simulator traffic, one JSON line per request.
+"""The lab's traffic generator: open-loop (or closed-loop) simulator traffic, one JSON line per request.
 
 Runs in the lab's `client` namespace against the reserved IP:
 
@@ -16,6 +16,10 @@ Each record is written and flushed as the request completes (the drill reads the
 grows): {seq, t (epoch at send), dt, op, method, path, status, served_by, version, error,
 content, latest_seen}. `--duration 0` runs until SIGTERM/SIGINT; either way the generator stops
 scheduling, waits for requests in flight (bounded), records them and exits 0.
+
+Closed loop (`--clients N` instead of `--rate`): N clients, each sending its next request as soon
+as its last one was answered (or failed), for `--duration` seconds: the rate is whatever the
+servers sustain, which is what a throughput figure measures (`closed_loop_stats`).
 
 The analysis helpers at the bottom are pure functions over records; the drill's report uses them.
 """
@@ -106,7 +110,8 @@ def _short_error(exc: BaseException) -> str:
 
 
 class TrafficGenerator:
-    """Open-loop simulator traffic against `url`; records every request's outcome.
+    """Open-loop simulator traffic against `url` (or closed-loop with `clients`); records every
+    request's outcome.
 
         gen = TrafficGenerator("http://127.0.0.1:8080", rate=50, out="run.jsonl").start()
         ...
@@ -128,11 +133,14 @@ class TrafficGenerator:
         seed: int | None = None,
         register_timeout: float = 5.0,
         latest_ratio: float = 0.5,
+        clients: int | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"url must be http://HOST[:PORT][/base], got {url!r}")
-        if rate <= 0:
+        if clients is not None and clients < 1:
+            raise ValueError("clients must be >= 1")
+        if clients is None and rate <= 0:
             raise ValueError("rate must be > 0")
         if not 0.0 <= write_ratio <= 1.0:
             raise ValueError("write_ratio must be within [0, 1]")
@@ -140,6 +148,7 @@ class TrafficGenerator:
         self.port = parts.port or 80
         self.base = parts.path.rstrip("/")
         self.rate = float(rate)
+        self.clients = clients
         self.duration = duration or None
         self.out = Path(out) if out else None
         self.run_id = run_id or secrets.token_hex(3)
@@ -223,6 +232,9 @@ class TrafficGenerator:
             return self._seq
 
     def _schedule(self) -> None:
+        if self.clients:
+            self._closed_loop()
+            return
         try:
             self._register()
             interval = 1.0 / self.rate
@@ -237,6 +249,24 @@ class TrafficGenerator:
                     break
                 self._workers.submit(self._one_request())
                 i += 1
+        finally:
+            self._done.set()
+
+    def _closed_loop(self) -> None:
+        """`clients` threads, each sending its next request when its last one is done."""
+        try:
+            self._register()
+            end = time.monotonic() + self.duration if self.duration else math.inf
+
+            def client() -> None:
+                while not self._stop.is_set() and time.monotonic() < end:
+                    self._one_request()()
+
+            threads = [threading.Thread(target=client, name=f"client-{i}", daemon=True) for i in range(self.clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
         finally:
             self._done.set()
 
@@ -385,6 +415,23 @@ def failed_except_writes_in_flight(records: Iterable[Record], kills: Iterable[tu
     return [r for r in failed(records) if not held(r)]
 
 
+def closed_loop_stats(records: Iterable[Record]) -> dict[str, Any]:
+    """Throughput of a closed-loop run (the registration left out): answered requests per second
+    over the run's span (first send to last answer), p50/p99 latency of the successful ones (ms,
+    nearest rank), how many failed."""
+    recs = [r for r in records if r.get("op") != "register" and r.get("dt") is not None]
+    if not recs:
+        return {"requests": 0, "failed": 0, "seconds": 0.0, "req_s": 0.0, "p50_ms": None, "p99_ms": None}
+    span = max(r["t"] + r["dt"] for r in recs) - min(r["t"] for r in recs)
+    good = sorted(r["dt"] for r in recs if ok(r))
+
+    def pct(q: float) -> float | None:
+        return round(1000 * good[max(0, math.ceil(q * len(good)) - 1)], 1) if good else None
+
+    return {"requests": len(recs), "failed": len(recs) - len(good), "seconds": round(span, 2),
+            "req_s": round(len(good) / span, 1) if span > 0 else 0.0, "p50_ms": pct(0.50), "p99_ms": pct(0.99)}
+
+
 def served_by_counts(records: Iterable[Record], ok_only: bool = False) -> dict[str, int]:
     """How many answers each node gave (any status; only successes with ok_only)."""
     return dict(Counter(r["served_by"] for r in records
@@ -479,7 +526,9 @@ def duplicate_rows(db_url: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tests.lab.traffic", description=__doc__.splitlines()[0])
     p.add_argument("--url", required=True, help="http://HOST[:PORT], e.g. http://203.0.113.10")
-    p.add_argument("--rate", type=float, required=True, help="requests per second (scheduled)")
+    p.add_argument("--rate", type=float, help="requests per second (scheduled, open loop)")
+    p.add_argument("--clients", type=int, help="closed loop instead: this many clients, each sending its "
+                   "next request when the last one is answered")
     p.add_argument("--duration", type=float, default=0.0, help="seconds; 0 = until SIGTERM/SIGINT")
     p.add_argument("--out", required=True, help="JSON-lines file, one record per request")
     p.add_argument("--user", help="simulator user to write as (default lab-<run>)")
@@ -492,10 +541,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if (args.rate is None) == (args.clients is None):
+        print("traffic: give either --rate (open loop) or --clients (closed loop)", file=sys.stderr)
+        return 2
     try:
-        gen = TrafficGenerator(args.url, args.rate, duration=args.duration, out=args.out, user=args.user,
+        gen = TrafficGenerator(args.url, args.rate or 0.0, duration=args.duration, out=args.out, user=args.user,
                                write_ratio=args.write_ratio, timeout=args.timeout, run_id=args.run_id,
-                               seed=args.seed)
+                               seed=args.seed, clients=args.clients)
     except ValueError as exc:
         print(f"traffic: {exc}", file=sys.stderr)
         return 2
@@ -503,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     gen.start()
-    print(f"traffic: run={gen.run_id} user={gen.user} url={args.url} rate={args.rate}/s "
+    load = f"clients={args.clients} (closed loop)" if args.clients else f"rate={args.rate}/s"
+    print(f"traffic: run={gen.run_id} user={gen.user} url={args.url} {load} "
           f"duration={args.duration or 'until SIGTERM'} out={args.out}", file=sys.stderr, flush=True)
     while not stop.is_set() and not gen.wait(0.1):
         pass
@@ -512,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(OSError):
         print(f"traffic: {len(records)} requests, {len(bad)} failed, served_by {served_by_counts(records)}, "
               f"{gen.workers} worker threads", file=sys.stderr, flush=True)
+        if args.clients:
+            print(f"traffic: closed loop {json.dumps(closed_loop_stats(records))}", file=sys.stderr, flush=True)
     return 0
 
 

@@ -268,6 +268,49 @@ def test_cli_flushes_in_flight_requests_on_sigterm(tmp_path):
     assert f"{len(records)} requests, 0 failed" in err
 
 
+def test_closed_loop_keeps_exactly_n_requests_in_flight_and_goes_as_fast_as_answers_come():
+    # Every request takes 50 ms: 3 clients in a closed loop send ~60/s over 1 s, never a 4th at once.
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def behave(method, path):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.05)
+        with lock:
+            state["now"] -= 1
+        return simulator(method, path)
+
+    with Stub(behave) as stub:
+        gen = TrafficGenerator(stub.url, rate=0, clients=3, duration=1.0, seed=8)
+        gen.start()
+        assert gen.wait(5)
+        records = gen.stop()
+    stats = traffic.closed_loop_stats(records)
+    assert state["most"] == 3
+    assert 45 <= stats["requests"] <= 63 and stats["failed"] == 0, stats
+    assert 45 <= stats["req_s"] <= 63 and 50 <= stats["p50_ms"] <= stats["p99_ms"] < 150, stats
+    assert {"read", "write", "latest"} <= {r["op"] for r in records}
+
+
+def test_the_cli_wants_a_rate_or_clients_not_both(tmp_path):
+    for args in ([], ["--rate", "5", "--clients", "2"]):
+        proc = subprocess.run([sys.executable, "-m", "tests.lab.traffic", "--url", "http://127.0.0.1:9",
+                               "--out", str(tmp_path / "x.jsonl"), *args], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 2 and "either --rate (open loop) or --clients (closed loop)" in proc.stderr
+
+
+def test_closed_loop_stats_count_answers_over_the_span_and_latency_of_successes():
+    records = [rec(1, 99.0, op="register", status=204)]  # the registration is not a measured request
+    records += [rec(i, 100.0 + i * 0.01, dt=0.010 if i < 99 else 0.5) for i in range(2, 101)]
+    records += [rec(101, 101.0, status=503, dt=0.1)]
+    stats = traffic.closed_loop_stats(records)
+    # 99 answered 2xx from t=100.02 to the last answer at 101.5; the 503 counts as failed, not served.
+    assert stats["requests"] == 100 and stats["failed"] == 1 and stats["seconds"] == 1.48
+    assert stats["req_s"] == round(99 / 1.48, 1) and stats["p50_ms"] == 10.0 and stats["p99_ms"] == 500.0
+    assert traffic.closed_loop_stats([])["req_s"] == 0.0
+
+
 # -- analysis helpers on hand-made records --------------------------------------------------------
 
 def rec(seq, t, dt=0.05, op="read", status=200, served_by="primary", version="v1", error=None,
