@@ -13,13 +13,8 @@ from tests.lab.conftest import scenario
 pytestmark = pytest.mark.lab
 
 
-@pytest.fixture
-def report(drill_report):
-    return drill_report
-
-
-def test_replacing_the_standby_loses_no_request_and_moves_the_ip_at_most_once(report):
-    s = scenario(report, "replace-standby")
+def test_replacing_the_standby_loses_no_request_and_moves_the_ip_at_most_once(drill_report):
+    s = scenario(drill_report, "replace-standby")
     assert s["failed"] == 0 and s["requests"] > 500, s
     assert s["ip_moves"] <= 1, s
     # The only move a replacement may cost: the retired node held the IP and the survivor took it.
@@ -27,8 +22,8 @@ def test_replacing_the_standby_loses_no_request_and_moves_the_ip_at_most_once(re
     assert s["passed"], s
 
 
-def test_the_retire_step_runs_on_the_old_node_and_each_new_node_joins_as_backup(report):
-    s = scenario(report, "replace-standby")
+def test_the_retire_step_runs_on_the_old_node_and_each_new_node_joins_as_backup(drill_report):
+    s = scenario(drill_report, "replace-standby")
     assert [(p["old"], p["new"], p["order"]) for p in s["passes"]] == [
         ("standby", "standby2", "new-first"), ("standby2", "standby", "peer-first")]
     for p in s["passes"]:
@@ -36,8 +31,8 @@ def test_the_retire_step_runs_on_the_old_node_and_each_new_node_joins_as_backup(
         assert p["new_backup_after_s"] is not None, p
 
 
-def test_two_masters_never_last_over_a_second_and_a_deaf_new_node_takes_nothing(report):
-    s = scenario(report, "replace-standby")
+def test_two_masters_never_last_over_a_second_and_a_deaf_new_node_takes_nothing(drill_report):
+    s = scenario(drill_report, "replace-standby")
     assert s["double_master_s"] <= 1.0, s  # peer-first: the survivor already talks to the new node
     new_first = s["passes"][0]
     # new-first: the new node heard nobody and became MASTER (the risk is real in this run) ...
@@ -46,7 +41,7 @@ def test_two_masters_never_last_over_a_second_and_a_deaf_new_node_takes_nothing(
     assert s["moves_to_new_node"] == 0, s
 
 
-def test_the_lab_is_back_in_shape_for_the_scenarios_after_it(report):
-    s = scenario(report, "replace-standby")
+def test_the_lab_is_back_in_shape_for_the_scenarios_after_it(drill_report):
+    s = scenario(drill_report, "replace-standby")
     assert s["checks"]["the pair is back: standby BACKUP"], s
-    assert "replace-standby" in report["_stdout"]
+    assert "replace-standby" in drill_report["_stdout"]
