@@ -177,6 +177,9 @@ class HaPair(pulumi.ComponentResource):
                 workers=worker_ips,
             )
             app_after.append(chain.app)
+        for node in NODES:  # after both nodes' keepalived configuration (see NodeChain.start_keepalived)
+            peer = "standby" if node == "primary" else "primary"
+            self.node_chains[node].start_keepalived(self.node_chains[peer].keepalived)
         # Workers provision in parallel with the pair; each app starts once the app user's grants exist.
         grants = [c for c in (self.node_chains["standby"].db_grants,) if c is not None]
         for w in worker_names:
@@ -380,6 +383,19 @@ class NodeChain:
         self._app(step_inputs, app_env=app_env, db_ca=db_ca, app_deps=[self.bootstrap], app_after=app_after,
                   db_grants=None)
         self._finish()
+
+    def start_keepalived(self, peer_keepalived: command.remote.Command) -> None:
+        """keepalived starts after this node's and the peer's keepalived steps. On a replacement the
+        survivor's step (reload) points its unicast_peer at the new node first: a new node started
+        before it would hear no advert, become MASTER and try to take the IP. No cycle: the
+        configuration steps never wait for a start step. Re-run with every configuration change (a
+        no-op while keepalived runs; it starts one that was stopped, as the step used to)."""
+        self.keepalived_start = command.remote.Command(
+            f"{self.name}-keepalived-start", connection=self.steady_conn, create=steps.keepalived_start_command(),
+            triggers=[self.droplet.id, self.keepalived_digest],
+            opts=ResourceOptions(parent=self.parent, depends_on=[self.keepalived, peer_keepalived]),
+        )
+        self.commands.append(self.keepalived_start)
 
     def _finish(self) -> None:
         self.commands = [c for c in (self.wait, self.retire, self.bootstrap, self.token, self.alert_webhook, self.failover,
