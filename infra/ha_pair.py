@@ -12,7 +12,9 @@ Why it looks the way it does:
   resize|reimage walks the pair with these overrides (docs/operations.md).
 - A replaced droplet never fights: its retire step (triggered only by its ID) stops keepalived,
   the reconciler and HAProxy on the old droplet, delete-before-replace, before the survivor's
-  firewall, HAProxy and keepalived are re-pointed at the new peer.
+  firewall, HAProxy and keepalived are re-pointed at the new peer. Each node's keepalived starts
+  in a step of its own after both nodes' keepalived configuration, so a new node never starts
+  before the survivor unicasts to it (it would hear nobody and become a second MASTER).
 - Each node's SSH host key is generated here (pulumi-tls, ed25519), installed by cloud-init and
   pinned in every connection; `known_hosts` is a stack output for CI and the rollout tool.
 - Each node's files are rendered from *both* droplets' outputs (own private IP as unicast source,

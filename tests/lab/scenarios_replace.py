@@ -11,13 +11,15 @@ The engine's order (infra/ha_pair.py NodeChain; the retire step is delete-before
 3. the new retire is created (a no-op echo);
 4. the survivor is re-rendered with the new peer (failover settings -> restart of the watcher and
    the reconciler, nftables, HAProxy reload, keepalived reload) and, in parallel, the new node is
-   provisioned (bootstrap..app, HAProxy, keepalived). Nothing in the graph orders the survivor's
-   keepalived reload before the new node's keepalived start, so both orders are played:
-   - `new-first` (the worse one): the new node's keepalived starts while the survivor still
-     unicasts to the old address and its nftables drop the new one, so the new node hears nothing
-     and becomes MASTER; the survivor is re-pointed REPOINT_LAG_S later. mt-failover's takeover
-     must not move the IP off the survivor, which holds it and serves (`deaf start`);
-   - `peer-first`: the survivor is re-pointed first, then the new node starts and stays BACKUP.
+   provisioned (bootstrap..app, HAProxy, keepalived). Each node's keepalived-start step waits for
+   both nodes' keepalived steps, so the engine re-points the survivor first (`peer-first`: the new
+   node starts, hears the survivor and stays BACKUP). Both orders are played:
+   - `new-first` (the worse one, for defence in depth: a `pulumi up --target` without dependents,
+     a hand-run step): the new node's keepalived starts while the survivor still unicasts to the
+     old address and its nftables drop the new one, so the new node hears nothing and becomes
+     MASTER; the survivor is re-pointed REPOINT_LAG_S later. mt-failover's takeover must not move
+     the IP off the survivor, which holds it and serves (`deaf start`);
+   - `peer-first`: the engine's order.
 5. the old droplet is deleted: its processes end, the API forgets it, its namespace goes.
 
 The scenario replaces `standby` with `standby2` (192.0.2.13 / 198.51.100.13, new-first), then
