@@ -12,7 +12,9 @@ Why it looks the way it does:
   resize|reimage walks the pair with these overrides (docs/operations.md).
 - A replaced droplet never fights: its retire step (triggered only by its ID) stops keepalived,
   the reconciler and HAProxy on the old droplet, delete-before-replace, before the survivor's
-  firewall, HAProxy and keepalived are re-pointed at the new peer.
+  firewall, HAProxy and keepalived are re-pointed at the new peer. Each node's keepalived starts
+  in a step of its own after both nodes' keepalived configuration, so a new node never starts
+  before the survivor unicasts to it (it would hear nobody and become a second MASTER).
 - Each node's SSH host key is generated here (pulumi-tls, ed25519), installed by cloud-init and
   pinned in every connection; `known_hosts` is a stack output for CI and the rollout tool.
 - Each node's files are rendered from *both* droplets' outputs (own private IP as unicast source,
@@ -177,6 +179,9 @@ class HaPair(pulumi.ComponentResource):
                 workers=worker_ips,
             )
             app_after.append(chain.app)
+        for node in NODES:  # after both nodes' keepalived configuration (see NodeChain.start_keepalived)
+            peer = "standby" if node == "primary" else "primary"
+            self.node_chains[node].start_keepalived(self.node_chains[peer].keepalived)
         # Workers provision in parallel with the pair; each app starts once the app user's grants exist.
         grants = [c for c in (self.node_chains["standby"].db_grants,) if c is not None]
         for w in worker_names:
@@ -382,6 +387,19 @@ class NodeChain:
         self._app(step_inputs, app_env=app_env, db_ca=db_ca, app_deps=[self.bootstrap], app_after=app_after,
                   db_grants=None)
         self._finish()
+
+    def start_keepalived(self, peer_keepalived: command.remote.Command) -> None:
+        """keepalived starts after this node's and the peer's keepalived steps. On a replacement the
+        survivor's step (reload) points its unicast_peer at the new node first: a new node started
+        before it would hear no advert, become MASTER and try to take the IP. No cycle: the
+        configuration steps never wait for a start step. Re-run with every configuration change (a
+        no-op while keepalived runs; it starts one that was stopped, as the step used to)."""
+        self.keepalived_start = command.remote.Command(
+            f"{self.name}-keepalived-start", connection=self.steady_conn, create=steps.keepalived_start_command(),
+            triggers=[self.droplet.id, self.keepalived_digest],
+            opts=ResourceOptions(parent=self.parent, depends_on=[self.keepalived, peer_keepalived]),
+        )
+        self.commands.append(self.keepalived_start)
 
     def _finish(self) -> None:
         self.commands = [c for c in (self.wait, self.retire, self.bootstrap, self.token, self.alert_webhook, self.failover,

@@ -143,9 +143,15 @@ def firewall_command(paths: NodePaths, admin_cidrs: tuple[str, ...]) -> str:
     )
 
 
-def _checked_swap(conf: str, service: str, tool: str, check: list[str], accepted: str, why: str) -> str:
+def _checked_swap(conf: str, service: str, tool: str, check: list[str], accepted: str, why: str,
+                  start: bool = True) -> str:
     """Extract `conf`.new, run `check` on it (it sets $out), install it only when `accepted` holds,
-    then reload `service` (or start it when it is not running)."""
+    then reload `service` (or, with `start`, start it when it is not running)."""
+    if start:
+        load = (f"if systemctl is-active --quiet {service}; then sudo systemctl reload {service};"
+                f" else sudo systemctl enable --now {service}; fi")
+    else:
+        load = f"if systemctl is-active --quiet {service}; then sudo systemctl reload {service}; fi"
     new = shlex.quote(f"{conf}.new")
     return _script(
         EXTRACT,
@@ -157,8 +163,7 @@ def _checked_swap(conf: str, service: str, tool: str, check: list[str], accepted
         "fi",
         f"sudo mv {new} {shlex.quote(conf)}",
         f"# {why}",
-        f"if systemctl is-active --quiet {service}; then sudo systemctl reload {service};"
-        f" else sudo systemctl enable --now {service}; fi",
+        load,
         f'echo "{service} configuration checked and loaded"',
     )
 
@@ -176,7 +181,19 @@ def keepalived_command(paths: NodePaths) -> str:
         [f"out=$(sudo keepalived -t -f {shlex.quote(conf + '.new')} 2>&1) && rc=0 || rc=$?",
          f'case "$rc" in {ok}) ;; *) rc=fail ;; esac'],
         '[ "$rc" != fail ] && [ -z "$out" ]',
-        "Reload, not restart: a restart would drop MASTER and move the reserved IP for nothing.",
+        "Reload, not restart: a restart would drop MASTER and move the reserved IP for nothing. A stopped"
+        " keepalived stays stopped: keepalived_start_command starts it once the peer's config is in.",
+        start=False,
+    )
+
+
+def keepalived_start_command() -> str:
+    """Start keepalived (a no-op while it runs). A step of its own, after both nodes' keepalived
+    configuration: a new node's keepalived must not start before the survivor unicasts to it and its
+    nftables admit it, or the new node hears nobody and becomes a second MASTER."""
+    return _script(
+        "sudo systemctl enable --now keepalived",
+        'echo "keepalived running"',
     )
 
 

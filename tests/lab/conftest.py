@@ -1,5 +1,5 @@
-"""One drill for all lab tests: every scenario (failover x3, rollouts, hardening, and the
-five-minute steady run when its slow test is selected) in one lab, under its own prefix and root
+"""One drill for all lab tests: every scenario (failover x3, rollouts, hardening, reboots, node
+replacement, and the five-minute steady run when its slow test is selected) in one lab, under its own prefix and root
 so a developer's lab is never disturbed, with sentinel secrets planted for the audit. The drill
 tears the lab down even when a scenario fails; `lab_leftovers()` checks that it did."""
 

@@ -94,13 +94,14 @@ EXTRA_SCENARIOS: dict[str, Callable[[Lab, Path, int], dict]] = {}
 EXTRA_MODULES = ("tests.lab.scenarios_rollout", "tests.lab.scenarios_hardening", "tests.lab.scenarios_observe",
                  "tests.lab.scenarios_reboot", "tests.lab.scenarios_workers",
                  "tests.lab.scenarios_workers_rollout",
-                 "tests.lab.scenarios_throughput")
+                 "tests.lab.scenarios_throughput", "tests.lab.scenarios_replace")
 # IP moves each extra scenario may cost (the drill counts them around the call).
 EXTRA_MOVE_LIMITS = {"rogue-vrrp": 0, "ssh-from-outside": 0, "http-open": 0, "planned-switchover": 1,
                      "metrics-ports": 0, "pairctl-status": 0, "token-revoked": 0,
                      "holder-reboot": 1, "standby-reboot": 0,
                      "rolling-update": 0, "rolling-update-bad-version": 0, "serve-both": 0,
-                     "workers": 0, "rolling-update-workers": 0, "node-down-workers": 1, "throughput": 0}
+                     "workers": 0, "rolling-update-workers": 0, "node-down-workers": 1, "throughput": 0,
+                     "replace-standby": 1}
 # Observers add numbers to every failover scenario's runs (tests/lab/scenarios_observe.py: the
 # alerts the webhook sink received, the IP moves Prometheus counted): fn(lab, scenario, t_fault,
 # ip_moves) -> {key: int or None}. The summary keeps each key's most in any run, and `<key>_runs`.

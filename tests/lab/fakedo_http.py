@@ -413,6 +413,20 @@ def lab(model: Model, method: str, path: str, query: str, raw: bytes) -> Reply:
             except KeyError as exc:
                 return json_reply(404, {"id": "not_found", "message": exc.args[0]})
             return json_reply(200, {"ok": True, "tokens": model.state()["tokens"]})
+        if path == "/_lab/droplets":
+            # {"add": {"id", "name", "public_ipv4", "private_ipv4"}} or {"remove": id}
+            if "add" in body and isinstance(body["add"], dict):
+                d = body["add"]
+                model.add_droplet(Droplet(d.get("id"), d.get("name"), d.get("public_ipv4"), d.get("private_ipv4")),
+                                  d.get("public_ipv4"))
+                return json_reply(200, {"ok": True, "added": d.get("id")})
+            if "remove" in body and is_int(body["remove"]):
+                try:
+                    model.remove_droplet(body["remove"])
+                except KeyError as exc:
+                    return json_reply(404, {"id": "not_found", "message": exc.args[0]})
+                return json_reply(200, {"ok": True, "removed": body["remove"]})
+            return bad('give {"add": {"id", "name", "public_ipv4", "private_ipv4"}} or {"remove": droplet_id}')
         if path == "/_lab/holder":
             if "ip" not in body or "droplet_id" not in body:
                 return bad("ip and droplet_id are required")

@@ -558,6 +558,30 @@ class Model:
         with self._lock:
             self._holders[ip] = droplet_id
 
+    def add_droplet(self, droplet: Droplet, metadata_source: str) -> None:
+        """A droplet created while the platform runs (a replacement node), with the address its
+        metadata requests come from."""
+        source = check_addr(metadata_source, "metadata source")
+        with self._lock:
+            if droplet.id in self._droplets:
+                raise ValueError(f"duplicate droplet id {droplet.id}")
+            self._droplets[droplet.id] = droplet
+            self._metadata_by_source[source] = droplet.id
+
+    def remove_droplet(self, droplet_id: int) -> None:
+        """A droplet destroyed: gone from the API and the metadata service. A reserved IP it held
+        becomes unassigned, as at DigitalOcean (the edge stops routing it)."""
+        with self._lock:
+            if droplet_id not in self._droplets:
+                raise KeyError(f"unknown droplet {droplet_id!r}")
+            held = [ip for ip, h in self._holders.items() if h == droplet_id]
+        for ip in held:
+            self.set_holder(ip, None, run_hook=True)
+        with self._lock:
+            del self._droplets[droplet_id]
+            for source in [s for s, d in self._metadata_by_source.items() if d == droplet_id]:
+                del self._metadata_by_source[source]
+
     def requests(self, since: int = 0) -> list[dict[str, Any]]:
         """The request log (entries with seq > since), oldest first."""
         with self._lock:

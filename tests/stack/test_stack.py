@@ -299,8 +299,11 @@ def test_changing_a_timing_profile_changes_only_keepalived_and_failover_steps():
     before = _step_triggers(run_stack(base_config()))
     after = _step_triggers(run_stack(base_config(failoverProfile="tutorial")))
     changed = sorted(name for name in before if before[name] != after[name])
-    assert changed == ["minitwit-test-primary-failover", "minitwit-test-primary-keepalived", "minitwit-test-ready",
-                       "minitwit-test-standby-failover", "minitwit-test-standby-keepalived"]
+    # keepalived-start re-runs with its configuration: a no-op while keepalived runs.
+    assert changed == ["minitwit-test-primary-failover", "minitwit-test-primary-keepalived",
+                       "minitwit-test-primary-keepalived-start", "minitwit-test-ready",
+                       "minitwit-test-standby-failover", "minitwit-test-standby-keepalived",
+                       "minitwit-test-standby-keepalived-start"]
 
 
 def _depends_on(run, name: str) -> list[str]:
@@ -437,6 +440,22 @@ def test_each_droplet_has_one_retire_command_that_stops_it_before_the_peer_is_re
     for node, peer in (("primary", "standby"), ("standby", "primary")):
         for step in ("firewall", "haproxy", "keepalived"):
             assert f"minitwit-test-{peer}-retire" in _depends_on(stack_run, f"minitwit-test-{node}-{step}")
+
+
+def test_a_new_nodes_keepalived_starts_only_after_the_survivor_is_repointed_at_it(stack_run):
+    """Either node replaced: its keepalived starts after the survivor's keepalived step (the reload
+    with the new unicast_peer), or it hears nobody and becomes a second MASTER. No cycle: the
+    configuration steps never wait for a start step."""
+    for node, peer in (("primary", "standby"), ("standby", "primary")):
+        start = f"minitwit-test-{node}-keepalived-start"
+        assert sorted(_depends_on(stack_run, start)) == sorted([f"minitwit-test-{node}-keepalived",
+                                                                f"minitwit-test-{peer}-keepalived"])
+        assert not [d for d in _depends_on(stack_run, f"minitwit-test-{node}-keepalived") if d.endswith("-start")]
+        assert "enable --now keepalived" in next(r for r in stack_run.commands() if r.name == start).plain("create")
+        assert start in _depends_on(stack_run, "minitwit-test-ready")
+    for node in ("primary", "standby"):  # the configuration step reloads a running keepalived, never starts one
+        create = next(r for r in stack_run.commands() if r.name == f"minitwit-test-{node}-keepalived").plain("create")
+        assert "systemctl reload keepalived" in create and "enable --now" not in create
 
 
 def test_no_input_carries_an_absolute_path_of_this_checkout(stack_run):

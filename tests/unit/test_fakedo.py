@@ -999,3 +999,23 @@ def test_config_names_token_files_and_a_preset_with_overrides(tmp_path):
     config["token_files"] = {"default": str(standby)}
     with pytest.raises(ValueError, match="default"):
         from_config(config)
+
+
+def test_a_droplet_created_and_destroyed_at_runtime(make_fake):
+    """A replacement node: its droplet and metadata exist from its creation; destroyed, it is gone,
+    and a reserved IP it held is unassigned (the lab's replace-standby scenario)."""
+    fake = make_fake()
+    new = {"id": 103, "name": "standby2", "public_ipv4": "127.0.0.3", "private_ipv4": "198.51.100.13"}
+    assert assign(fake, 103).status == 422  # unknown before it is created
+    assert call(fake, "POST", "/_lab/droplets", {"add": new}, token=None).status == 200
+    assert call(fake, "POST", "/_lab/droplets", {"add": new}, token=None).status == 400  # duplicate id
+    assert call(fake, "GET", "/metadata/v1/id", token=None, source="127.0.0.3").body == b"103"
+    assert assign(fake, 103).status == 201
+    assert fake.wait_for(lambda: fake.holder(RIP) == 103, 5)
+    assert call(fake, "GET", "/metadata/v1/reserved_ip/ipv4/active", token=None, source="127.0.0.3").body == b"true"
+    assert call(fake, "POST", "/_lab/droplets", {"remove": 103}, token=None).status == 200
+    assert fake.holder(RIP) is None
+    assert call(fake, "GET", "/metadata/v1/id", token=None, source="127.0.0.3").status == 404
+    assert assign(fake, 103).status == 422
+    assert call(fake, "POST", "/_lab/droplets", {"remove": 103}, token=None).status == 404
+    assert call(fake, "POST", "/_lab/droplets", {"remove": "x"}, token=None).status == 400

@@ -127,10 +127,15 @@ def test_keepalived_step_checks_then_replaces_then_reloads(node):
     assert "systemctl enable --now keepalived" not in calls  # reload, not restart, when it runs
 
 
-def test_keepalived_step_starts_keepalived_when_it_is_not_running(node):
+def test_keepalived_step_leaves_a_stopped_keepalived_to_the_start_step(node):
+    """A new node's keepalived starts only in keepalived-start, once the survivor unicasts to it."""
     files = files_for_step(node.files, STEP_KEEPALIVED)
     proc = node.run(steps.keepalived_command(node.paths),
                     steps.archive_b64(files, steps.staging_path(node.paths.keepalived_conf)), KEEPALIVED_ACTIVE="no")
+    assert proc.returncode == 0, proc.stderr
+    assert Path(node.paths.keepalived_conf).read_text() == files[0].content
+    assert not [c for c in node.calls() if c.startswith("systemctl") and "is-active" not in c]
+    proc = node.run(steps.keepalived_start_command(), "", KEEPALIVED_ACTIVE="no")
     assert proc.returncode == 0, proc.stderr
     assert "systemctl enable --now keepalived" in node.calls()
 
