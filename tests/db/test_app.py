@@ -381,3 +381,21 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(start_app, pg):
     assert result and result[0][0] == 204 and result[0][2]["X-Served-By"] == "primary"
     assert sql(pg, "SELECT count(*) FROM message WHERE text = %s", f"{user} in flight") == [(1,)]
     assert "stopped on SIGTERM" in app.log()[-1]
+
+
+def test_pooled_connections_that_died_cost_the_next_request_no_pause(start_app):
+    """A node back from a network cut (lab scenario node-down-workers) finds every pooled connection
+    dead: the first request through it must still answer within the course client's 0.3 s."""
+    with pg_server() as own:
+        app = start_app("primary", "v1", "--pool-min", "2", server=own)
+        for _ in range(4):  # the pool's connections are open and have served
+            assert app.call("GET", "/latest", auth=None)[0] == 200
+        killed = sql(own, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+        assert len(killed) >= 2, killed
+        t0 = time.monotonic()
+        status, body, _ = app.call("GET", "/latest", auth=None, timeout=5)
+        took = time.monotonic() - t0
+        assert status == 200, body
+        assert took < 0.3, f"the first request after the pool's connections died took {took:.2f} s"
+        assert app.call("GET", "/latest", auth=None)[0] == 200

@@ -188,11 +188,31 @@ class App:
 
     @contextlib.contextmanager
     def conn(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection that answered a ping just now.
+
+        Every pooled connection can be dead at once: a database restart, or this node back from a
+        network cut its keepalives did not survive. A dead one is handed back (the pool discards it
+        and opens a replacement) and the next is tried at once, like SQLAlchemy's `pool_pre_ping`.
+        Not the pool's own `check`: after a failed check psycopg_pool sleeps ~1 s before the next
+        attempt (its reconnect backoff, psycopg PR #711), and that request misses the client's
+        0.3 s (seen as the one failure of node-down-workers when the old holder came back).
+        """
         assert self.pool is not None
-        with self.pool.connection() as conn:
-            # The pool checked the connection on checkout: the database answers.
-            self.db_state(True)
-            yield conn
+        deadline = time.monotonic() + self.pool.timeout
+        for attempt in range(self.pool.max_size + 1):  # each pooled connection once, then a fresh one
+            if attempt and time.monotonic() >= deadline:
+                break  # a ping to an unreachable database hangs up to tcp_user_timeout: stay bounded
+            with self.pool.connection(timeout=max(0.0, deadline - time.monotonic())) as conn:
+                try:
+                    conn.execute("")  # an empty query: one round trip, no work
+                except psycopg.OperationalError:
+                    if not conn.closed:
+                        raise  # the database answered with an error: not a dead connection
+                    continue
+                self.db_state(True)
+                yield conn
+                return
+        raise PoolTimeout(f"no working connection within {self.pool.timeout:g} s")
 
     # -- helpers ----------------------------------------------------------------------------
     @staticmethod
@@ -558,9 +578,7 @@ def make_pool(uri: str, min_size: int, max_size: int, timeout: float) -> Connect
         max_size=max_size,
         open=False,
         timeout=timeout,  # a request waits this long for a connection, then 503
-        # Check each connection on checkout: after a database restart every pooled connection
-        # is dead, and a request should get a fresh one, not an error.
-        check=ConnectionPool.check_connection,
+        # No `check`: App.conn pings each connection on checkout (why there, see its docstring).
         configure=configure,
         # Give up a background reconnect quickly; the next request that finds the pool empty
         # starts a new attempt at once. The default (exponential backoff up to 5 minutes)

@@ -29,3 +29,9 @@ def test_every_worker_keeps_serving_through_the_new_holder(drill_report):
 
 def test_the_benchmark_stays_out_of_the_test_suites_drill(drill_report):
     assert "throughput" not in {s["name"] for s in drill_report["scenarios"]}
+
+
+def test_the_old_holders_return_costs_no_request(drill_report):
+    # Its app rejoins least connections with every pooled database connection dead from the cut.
+    s = scenario(drill_report, "node-down-workers")
+    assert s["failed_after_restore"] == 0 and s["checks"]["0 failed after the node is restored"], s
