@@ -324,6 +324,13 @@ def retire_armed_command() -> str:
     return _script('echo "armed: keepalived, the reconciler and HAProxy stop here before this droplet is deleted"')
 
 
+# After the reserved IP has left, HAProxy keeps serving this long: a request the edge sent here just
+# before the move is still being answered (the lab's replace-standby lost one, 7-20 ms after the
+# move, to an HAProxy stopped at once). A client gives up after 0.3 s, so 1 s covers every request
+# that could still succeed.
+RETIRE_DRAIN_S = 1
+
+
 def retire_command(paths: NodePaths, release_timeout_s: int = 60) -> str:
     """The retire step's `delete`: runs on a droplet about to be replaced or destroyed, before the
     survivor is re-pointed at the new peer. Without it the old node would keep running keepalived and
@@ -344,6 +351,7 @@ def retire_command(paths: NodePaths, release_timeout_s: int = 60) -> str:
         '  [ "$held" = false ] && break',
         "  sleep 1; i=$((i + 1))",
         "done",
+        f"sleep {RETIRE_DRAIN_S}  # requests that reached HAProxy before the move finish",
         "sudo systemctl disable --now haproxy 2>/dev/null || true",
         'echo "retired: keepalived, the reconciler and HAProxy stopped and disabled"',
     )
