@@ -10,8 +10,8 @@ goes away, tests.twins.boot starts it again, and the stack's units come up as on
 - `holder-reboot`: the node holding the reserved IP. The lab's limits and checks
   (tests/lab/scenarios_reboot.py judge): 0 failed requests, one IP move, the stop (reboot asked ->
   machine gone) within the API's action time + 5 s, the handover unit's stop `done` (read from the
-  twin's journal of the boot before), the node back as BACKUP and the IP left on the peer; and
-  no acknowledged write lost.
+  twin's journal of the boot before), the node back as BACKUP with its own app running and the IP
+  left on the peer; and no acknowledged write lost.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from tests.lab import traffic
 from tests.lab.drill import Traffic, rows_lost, scenario
 from tests.lab.lab import wait_for
 from tests.lab.scenarios_reboot import judge
+from tests.twins.twinlab import APP_UNIT
 
 BACK_TIMEOUT_S = 180.0    # a twin boots in tens of seconds on a loaded machine
 
@@ -67,6 +68,7 @@ def holder_reboot(lab, workdir: Path, runs: int) -> dict:
     t0 = time.time()
     boot_s = None
     stop: dict = {}
+    app_back = False
     try:
         time.sleep(1.0)
         t_reboot = time.time()
@@ -76,6 +78,7 @@ def holder_reboot(lab, workdir: Path, runs: int) -> dict:
             wait_for(lambda: lab.vrrp_state(node) == "BACKUP", 60, f"{node} back as BACKUP")
             boot_s = round(time.time() - t_reboot, 1)
             stop = handover_of_last_boot(lab, node)
+            app_back = lab.tw.machine(node, "systemctl", "is-active", "--quiet", APP_UNIT).returncode == 0
         except Exception as exc:  # noqa: BLE001 - reported; the drill's next wait says more
             notes.append(str(exc))
         time.sleep(2.0)   # after the boot: no move back, nothing fails
@@ -95,7 +98,9 @@ def holder_reboot(lab, workdir: Path, runs: int) -> dict:
         "failed_examples": [{k: r.get(k) for k in ("t", "status", "error", "served_by")} for r in failed[:5]],
     }
     # Acknowledged writes survive the reboot too (the drill's own check on the shared database).
-    entry["checks"] = {"rows_lost 0": entry["rows_lost"] == 0}
+    # And the node's own app is back (its restart policy at boot): BACKUP alone would also be
+    # reached with HAProxy serving only the peer's app.
+    entry["checks"] = {"rows_lost 0": entry["rows_lost"] == 0, "app back": app_back}
     stop_limit = judge(entry, action_s, active, of_holder=True)
     entry["summary"] = (f"{node}: systemctl reboot, handover {stop.get('handover')} in {stop.get('handover_s')} s, "
                         f"gone in {entry['stop_s']} s (limit {stop_limit:g}), back as {entry['node_after']} in "
