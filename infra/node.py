@@ -34,6 +34,8 @@ SCRIPT_NAMES = ("mt-deploy", "mt-failover", "mt-health", "mt-healthwatch", "mt_o
 HANDOVER_TIMEOUT_S = 30
 HANDOVER_STOP_MARGIN_S = 15
 HANDOVER_UNIT = "minitwit-ha-handover.service"
+# systemd reads drop-ins of docker-.scope.d for every unit named docker-*.scope (Docker's containers).
+CONTAINER_SCOPES_DROPIN = "docker-.scope.d/minitwit-ha-handover.conf"
 
 # Provisioning steps (one remote command each); a file's step decides what re-runs when it changes.
 STEP_FAILOVER = "failover"      # scripts, env files, systemd units -> restart watcher and reconciler
@@ -660,6 +662,15 @@ Wants=minitwit-ha-healthwatch.service
 # while the IP moved away must not start with the old holder's priority and preempt the new holder.
 ExecStartPre=-{paths.script('mt-failover')} holder
 """
+    # Docker's containers run in transient scopes, docker-<id>.scope in system.slice (the systemd
+    # cgroup driver, Docker's default on cgroup v2). A shutdown stops every unit in system.slice at
+    # once unless ordered, so the app would die while the handover above still waits for the IP to
+    # move, cutting the requests it holds. A prefix drop-in (docker-.scope.d) orders every container
+    # scope Before= the handover unit: stopped in reverse, they stop only once the handover is done.
+    container_scopes = f"""# minitwit-ha: Docker's container scopes (docker-<id>.scope) stop after the reserved-IP handover.
+[Unit]
+Before={HANDOVER_UNIT}
+"""
     tmpfiles = f"""# minitwit-ha runtime and state directories (root-owned: keepalived's script security).
 d {paths.state_dir} 0755 root root -
 d {paths.lib_dir} 0755 root root -
@@ -669,6 +680,7 @@ d {paths.lib_dir} 0755 root root -
         f"{paths.systemd_dir}/minitwit-ha-reconcile.service": reconcile,
         f"{paths.systemd_dir}/{HANDOVER_UNIT}": handover,
         f"{paths.systemd_dir}/keepalived.service.d/minitwit-ha.conf": keepalived_dropin,
+        f"{paths.systemd_dir}/{CONTAINER_SCOPES_DROPIN}": container_scopes,
         paths.tmpfiles_conf: tmpfiles,
     }
 

@@ -92,6 +92,29 @@ def shutdown(lab: Lab, node: str) -> dict:
             "stop_steps_s": steps, "log": proc.stderr.strip().splitlines()[-3:]}
 
 
+def reboot_limits(action_s: float, of_holder: bool) -> dict[str, float]:
+    """What a reboot must meet, in the lab and on twins: nothing fails, and the stop takes at most
+    the API's action time + STOP_EXTRA_S on the holder (it waits for the move), STOP_EXTRA_S on the
+    other node (nothing to wait for)."""
+    return {"failed": 0, "stop_s": action_s + STOP_EXTRA_S if of_holder else STOP_EXTRA_S}
+
+
+def judge(entry: dict, action_s: float, active: str, of_holder: bool) -> float:
+    """Set a reboot entry's limits, checks and verdict (the lab's and the twins' alike): the handover
+    done by the holder (`not-holder` on the other node), one IP move of its own to the peer (none),
+    the node back as BACKUP. `entry["stop"]` holds the handover's outcome. Returns the stop limit."""
+    limits = reboot_limits(action_s, of_holder)
+    entry["limits"] = check_limits(entry, limits)
+    want = {"handover": "done" if of_holder else "not-holder", "ip_moves_own": 1 if of_holder else 0,
+            "holder_after": peer(active) if of_holder else active, "node_after": "BACKUP"}
+    stop = entry.get("stop", {})
+    entry["checks"] = {**entry.get("checks", {}),
+                       **{f"{k} {v}": entry.get(k, stop.get(k)) == v for k, v in want.items()}}
+    entry["passed"] = all(v["ok"] for v in entry["limits"].values()) and all(entry["checks"].values())
+    entry["target_s"] = limits["stop_s"]
+    return limits["stop_s"]
+
+
 def boot(lab: Lab, node: str) -> float:
     """Start the node in systemd's order; seconds until it is a BACKUP ready to take over."""
     t0 = time.monotonic()
@@ -136,13 +159,7 @@ def reboot(lab: Lab, workdir: Path, name: str, of_holder: bool) -> dict:
         "stop_s": stop.get("stop_s"), "boot_s": boot_s, "node_after": lab.vrrp_state(node), "notes": notes,
         "failed_examples": [{k: r.get(k) for k in ("t", "status", "error", "served_by")} for r in failed[:5]],
     }
-    stop_limit = action_s + STOP_EXTRA_S if of_holder else STOP_EXTRA_S
-    entry["limits"] = check_limits(entry, {"failed": 0, "stop_s": stop_limit})
-    want = {"handover": "done" if of_holder else "not-holder", "ip_moves_own": 1 if of_holder else 0,
-            "holder_after": peer(active) if of_holder else active, "node_after": "BACKUP"}
-    entry["checks"] = {f"{k} {v}": entry.get(k, stop.get(k)) == v for k, v in want.items()}
-    entry["passed"] = all(v["ok"] for v in entry["limits"].values()) and all(entry["checks"].values())
-    entry["target_s"] = stop_limit
+    stop_limit = judge(entry, action_s, active, of_holder)
     entry["summary"] = (f"{node}: handover {stop.get('handover')} in {stop.get('handover_s')} s, stopped in "
                         f"{stop.get('stop_s')} s (limit {stop_limit:g}), back as {entry['node_after']} in {boot_s} s, "
                         f"holder {active}->{holder_after}, failed {len(failed)}")

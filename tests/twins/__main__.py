@@ -52,7 +52,10 @@ def stand_ins(twins: Twins) -> list[dict[str, str]]:
         {"what": "Docker's apt repository and Docker Engine", "instead": f"{edge.get('repo_url', '')} is served by "
          "the edge (TLS from a lab CA the twins trust) with signed stand-in packages docker-ce, docker-ce-cli, "
          "containerd.io, docker-compose-plugin: a `docker` CLI whose `compose up` runs each service as a "
-         "transient systemd unit, and an idle docker.service; no engine, no image pulled"},
+         "transient systemd service (in system.slice, with the ordering of the docker-.scope.d drop-ins systemd gives "
+         "Docker's container scopes), and a docker.service "
+         "that only starts again at boot what `compose up` started "
+         "(the restart policy); no engine, no image pulled"},
         {"what": "the MiniTwit container", "instead": "tests/twins/docker_shim/app.py answering 200 on the "
          "published port (no database)"},
         {"what": "DigitalOcean's API and droplet metadata", "instead": f"the fake API (tests/lab/fakedo.py) at "

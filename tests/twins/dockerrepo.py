@@ -4,8 +4,9 @@ The bootstrap (scripts/node-bootstrap.sh) runs unchanged on a twin: it fetches t
 key from https://<Docker's host>/linux/debian/gpg, writes the `deb [signed-by=...]` line and
 installs docker-ce, docker-ce-cli, containerd.io and docker-compose-plugin. Those four packages
 come from here: signed by a throwaway key, they install the stand-in CLI (docker_shim/docker)
-and app (docker_shim/app.py) plus a docker.service that only idles. That is the one part of a
-twin that is not Debian's or the stack's own.
+and app (docker_shim/app.py) plus a docker.service that idles once it has brought back what
+`compose up` started (Docker's restart policy at boot). That is the one part of a twin that is
+not Debian's or the stack's own.
 """
 
 from __future__ import annotations
@@ -28,10 +29,15 @@ DOCKER_UNIT = """\
 # minitwit-ha twins: stand-in docker.service (no engine; `docker compose` runs transient units).
 [Unit]
 Description=Docker Application Container Engine (twin stand-in)
+# As Docker's own unit: the containers it brings back at boot need the network.
+After=network-online.target
+Wants=network-online.target
 
 [Service]
 Type=simple
 ExecStart=/bin/sleep infinity
+# The restart policy at boot: what `compose up` started and nobody stopped comes back.
+ExecStartPost=/usr/bin/docker twin-restart
 
 [Install]
 WantedBy=multi-user.target

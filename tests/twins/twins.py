@@ -221,6 +221,10 @@ class Twins:
 }}
 """)
         in_ns("client", "ip", "route", "add", f"{RESERVED_IP}/32", "dev", "eth0")
+        # As in the namespace lab (tests/lab/lab.py _edge): a connection attempt nobody answered (a
+        # node down) keeps its DNAT in SYN_SENT for 120 s, and a later one reusing its source port
+        # would follow it to the old node; one client reusing its ports is a lab artefact.
+        in_ns("client", "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_tcp_timeout_syn_sent=2")
 
     def _link(self, role: str, inner: str, outer: str, bridge: str, addrs: list[str]) -> None:
         link_veth(ns("sw"), ns(role), inner, outer, bridge, addrs)

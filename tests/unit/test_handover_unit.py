@@ -10,7 +10,7 @@ import pytest
 
 from infra import steps
 from infra.haproxy import HaproxyFacts
-from infra.node import HANDOVER_UNIT, STEP_FAILOVER, NodeFacts, NodePaths, render_node_files
+from infra.node import CONTAINER_SCOPES_DROPIN, HANDOVER_UNIT, STEP_FAILOVER, NodeFacts, NodePaths, render_node_files
 from tests.support.needs import missing_binaries, need
 
 SERVING = {"keepalived.service", "haproxy.service", "docker.service", "minitwit-ha-healthwatch.service",
@@ -55,6 +55,18 @@ def test_its_stop_hands_over_before_anything_that_serves_stops(rendered):
     # A failed start would leave the unit inactive, and an inactive unit's ExecStop never runs.
     assert u["ExecStart"] == ["-/usr/libexec/minitwit-ha/mt-failover handover --release"]
     assert u["WantedBy"] == ["multi-user.target"]
+
+
+def test_the_app_containers_stop_only_after_the_handover(rendered):
+    """Docker's container scopes sit in system.slice, which a shutdown stops all at once: without an
+    order the app dies while the handover waits for the move, and the requests it holds fail."""
+    dropin = rendered[f"/etc/systemd/system/{CONTAINER_SCOPES_DROPIN}"]
+    assert dropin.step == STEP_FAILOVER and dropin.mode == 0o644
+    # The prefix drop-in systemd applies to every docker-<id>.scope (and no other unit).
+    assert CONTAINER_SCOPES_DROPIN.split("/")[0] == "docker-.scope.d"
+    # Before= the handover: stops run in reverse order, so the containers stop after its ExecStop.
+    assert parse_unit(dropin.content) == {"Before": [HANDOVER_UNIT]}
+    assert "[Unit]" in dropin.content
 
 
 def test_the_handover_ends_on_its_own_well_inside_the_stop_timeout(rendered):
