@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parents[2]
 LAB_ROOT = Path(os.environ.get("LAB_ROOT", "/run/mtha-lab"))
 PREFIX = os.environ.get("LAB_PREFIX", "mtha")
 NODES = ("primary", "standby")
+# mt-failover's default DEAF_START_S (the stack does not override it): see Lab._past_deaf_start.
+DEAF_START_S = 5.0
 RESERVED_IP = "203.0.113.10"
 API_ADDR, API_PORT = "192.0.2.2", 8080
 CLIENT_ADDR = "192.0.2.100"
@@ -675,11 +677,25 @@ class Lab:
         active = self.wait_steady(timeout)
         while time.monotonic() < deadline:
             other = "standby" if active == "primary" else "primary"
-            if self.vrrp_state(other) == "BACKUP" and self.steady() == active:
+            if self.vrrp_state(other) == "BACKUP" and self.steady() == active and self._past_deaf_start():
                 return active
             time.sleep(0.1)
             active = self.steady() or active
         raise LabError(f"the standby did not become BACKUP within {timeout:.0f}s: {json.dumps(self.status())}")
+
+    def _past_deaf_start(self) -> bool:
+        """Both keepalived running longer than mt-failover's DEAF_START_S: a node that became MASTER
+        sooner would leave the IP on a peer that serves (docs/node-contract.md), which is not what a
+        scenario starting from a settled pair measures."""
+        now = time.time()
+        for node in NODES:
+            try:
+                age = now - os.stat(node_paths(node).keepalived_pidfile).st_mtime
+            except OSError:
+                return False
+            if age <= DEAF_START_S:
+                return False
+        return True
 
     def status(self) -> dict:
         nodes = {}

@@ -85,3 +85,15 @@ def test_a_deaf_start_takes_the_ip_from_a_peer_that_is_gone(node: Node, fake: Fa
     proc = takeover(node, fake, closed_port(), keepalived(1.0))
     assert proc.returncode == 0, proc.stderr
     assert fake.holder(IP) == ME and "deaf start" not in proc.stderr
+
+
+def test_the_labs_settled_pair_waits_out_the_scripts_deaf_start_window():
+    # The drill starts each fault from a settled pair: both keepalived older than DEAF_START_S
+    # (tests/lab/lab.py). A script default changed without the lab would measure a deaf start.
+    import re
+
+    from tests.lab import lab
+
+    text = (Path(__file__).resolve().parents[2] / "scripts" / "mt-failover").read_text()
+    default = re.search(r'"DEAF_START_S": "([0-9.]+)"', text)
+    assert default is not None and float(default.group(1)) == lab.DEAF_START_S
