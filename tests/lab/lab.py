@@ -683,14 +683,18 @@ class Lab:
             active = self.steady() or active
         raise LabError(f"the standby did not become BACKUP within {timeout:.0f}s: {json.dumps(self.status())}")
 
+    def keepalived_pidfile(self, node: str) -> str | None:
+        return node_paths(node).keepalived_pidfile
+
     def _past_deaf_start(self) -> bool:
         """Both keepalived running longer than mt-failover's DEAF_START_S: a node that became MASTER
         sooner would leave the IP on a peer that serves (docs/node-contract.md), which is not what a
         scenario starting from a settled pair measures."""
         now = time.time()
         for node in NODES:
+            pidfile = self.keepalived_pidfile(node)
             try:
-                age = now - os.stat(node_paths(node).keepalived_pidfile).st_mtime
+                age = now - os.stat(pidfile).st_mtime if pidfile else -1.0
             except OSError:
                 return False
             if age <= DEAF_START_S:

@@ -212,6 +212,12 @@ class TwinLab:
     masters = Lab.masters
     wait_steady = Lab.wait_steady
     wait_pair_ready = Lab.wait_pair_ready
+    _past_deaf_start = Lab._past_deaf_start
+
+    def keepalived_pidfile(self, node: str) -> str | None:
+        """The twin's /run/keepalived.pid (systemd's keepalived.service), seen from the host."""
+        paths = self.paths(node)
+        return paths.keepalived_pidfile if paths else None
 
     def status(self) -> dict:
         return {"up": self.is_up, "twins": True, "profile": self.state.get("profile"),
