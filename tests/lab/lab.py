@@ -241,8 +241,9 @@ class Lab:
         self._save()
         return proc
 
-    def stop(self, key: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-        """End a process the lab started (checked by PID and start time), then forget it."""
+    def stop(self, key: str, sig: int = signal.SIGTERM, timeout: float = 10.0, forget: bool = True) -> None:
+        """End a process the lab started (checked by PID and start time), then forget it (unless
+        `forget` is False: a helper process that must not write the lab's state, which its parent owns)."""
         proc = self.procs().get(key)
         if proc is None:
             return
@@ -258,8 +259,9 @@ class Lab:
         # Reap it if it is our child (the CLI process that spawned it may be this one).
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(proc.pid, os.WNOHANG)
-        self.state.get("processes", {}).pop(key, None)
-        self._save()
+        if forget:
+            self.state.get("processes", {}).pop(key, None)
+            self._save()
 
     def app_pid(self, node: str) -> int | None:
         try:

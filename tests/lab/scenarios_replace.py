@@ -73,20 +73,20 @@ def shim_dir() -> Path:
 
 def systemctl(argv: list[str]) -> int:
     """`systemctl disable --now UNIT...` inside a lab node: end the node's recorded process for each
-    unit (by PID and start time, as Lab.stop does) and wait for it to exit, as systemd's stop does.
+    unit (Lab.stop: by PID and start time, SIGKILL after 10 s) and wait for it to exit, as systemd's stop does.
     Reads the lab's state file only; the scenario forgets the stopped processes afterwards."""
     node = os.environ["RETIRE_NODE"]
     if argv[:2] != ["disable", "--now"]:
         print(f"lab systemctl: only `disable --now` is played, got {argv}", file=sys.stderr)
         return 1
-    procs = Lab().procs()
+    lab = Lab()
+    procs = lab.procs()
     for unit in argv[2:]:
-        proc = procs.get(f"{node}-{UNITS.get(unit, unit)}")
+        key = f"{node}-{UNITS.get(unit, unit)}"
+        proc = procs.get(key)
         if proc is None or not proc.alive():
             continue
-        os.kill(proc.pid, signal.SIGTERM)
-        if wait_for(lambda proc=proc: not proc.alive(), 10) is None:
-            os.kill(proc.pid, signal.SIGKILL)
+        lab.stop(key, forget=False)
         with open(LAB_ROOT / "logs" / "retire.log", "a") as log:
             log.write(json.dumps({"t": time.time(), "node": node, "stopped": unit}) + "\n")
     return 0
